@@ -1,0 +1,1 @@
+"""Settings and image validation shared by orchestrator and workers (no torch)."""

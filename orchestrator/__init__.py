@@ -1,0 +1,1 @@
+"""Accepts frames, records inspections, sends stage chains by name (never imports torch)."""

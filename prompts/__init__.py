@@ -1,0 +1,33 @@
+"""Prompt data shipped with the project (states, templates, RVS settings) as package data.
+
+Stored in the database as a versioned prompt set the first time a category uses it.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+DEFAULT_SDP_FILE = "sdp_default.json"
+
+
+def load_prompt_file(name: str = DEFAULT_SDP_FILE) -> dict[str, Any]:
+    """A prompt file: {"content": {...}, "rvs_method": str, "rvs_params": {...}, ...}."""
+    data = json.loads(resources.files(__package__).joinpath(name).read_text(encoding="utf-8"))
+    validate_content(data["content"])
+    return data
+
+
+def validate_content(content: dict[str, Any]) -> None:
+    """Refuse a prompt set that cannot produce sentences, with the reason."""
+    for key in ("normal_states", "abnormal_states", "templates"):
+        items = content.get(key)
+        if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
+            raise ValueError(f"prompt content needs a non-empty list of strings under {key!r}")
+    for t in content["templates"]:
+        if t.count("{}") != 1:
+            raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
+    for s in content["normal_states"] + content["abnormal_states"]:
+        if s.count("{}") != 1:
+            raise ValueError(f"state {s!r} must contain exactly one '{{}}'")

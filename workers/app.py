@@ -1,0 +1,49 @@
+"""The Celery app: JSON only, late acks, prefetch 1, explicit task names and per-stage queues.
+
+Every stage goes to ``INSPECT_DEFAULT_QUEUE`` (``gpu``) unless ``INSPECT_QUEUE_ROUTES`` sends
+it to its own queue (``segment=gpu.segment``). Each queue is bound once, with its own name as
+routing key on one direct exchange, so a message lands in exactly one queue.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from common.settings import Settings, get_settings
+
+EXCHANGE = Exchange("inspect", type="direct", durable=True)
+TASK_NAMES = {"segment": "inspect.segment", "finalize": "inspect.finalize"}
+
+
+def queues_for(settings: Settings) -> list[Queue]:
+    names = {settings.default_queue, *settings.stage_queues().values()}
+    return [Queue(n, EXCHANGE, routing_key=n, durable=True) for n in sorted(names)]
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    s = settings or get_settings()
+    app = Celery("inspect", broker=s.broker_url or "memory://", include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],  # pickle refused
+        event_serializer="json",
+        task_ignore_result=True,  # results live in the database, not a result backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=s.default_queue,
+        task_default_exchange=EXCHANGE.name,
+        task_default_routing_key=s.default_queue,
+        task_queues=queues_for(s),
+        task_routes={name: {"queue": s.queue_for(stage), "routing_key": s.queue_for(stage)}
+                     for stage, name in TASK_NAMES.items()},
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"confirm_publish": True},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_app()

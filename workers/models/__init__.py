@@ -1,0 +1,1 @@
+"""Pure torch models: no I/O, no Celery, no database."""

@@ -1,0 +1,80 @@
+"""Per-process resources, created lazily on first use (never at import, never in a fork parent).
+
+CUDA is not fork-safe and Celery's ``worker_process_init`` is killed after 4 s, so the model
+loads inside the first task that needs it and stays for the life of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.settings import Settings, get_settings
+from storage import repo
+from storage.db import session_factory
+from storage.objects import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_engine = None
+
+
+@dataclass(frozen=True)
+class StageContext:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ObjectStore
+
+
+def context() -> StageContext:
+    s = get_settings()
+    return StageContext(s, session_factory(s.resolved_database_url), open_store(s))
+
+
+def segment_engine(ctx: StageContext):  # -> workers.engine.SegmentEngine (torch import deferred)
+    """The process's segment engine, built on first call."""
+    global _engine
+    with _lock:
+        if _engine is None:
+            _engine = _build_engine(ctx)
+        return _engine
+
+
+def reset_engine() -> None:
+    global _engine
+    with _lock:
+        _engine = None
+
+
+def _build_engine(ctx: StageContext):
+    from workers.engine import SegmentEngine
+    from workers.weights import best_device, load_clip
+
+    s = ctx.settings
+    device = best_device(s.device)
+    imported = _imported_weights(ctx, s.weights)
+    clip = load_clip(s.clip_model, s.weights, imported=imported, device=device)
+    log.info("segment engine: %s weights=%s on %s", clip.arch, clip.weights_ref, device)
+    return SegmentEngine(clip, device)
+
+
+def _imported_weights(ctx: StageContext, name: str) -> tuple[str, bytes] | None:
+    """Weights registered with ``inspect models import``, cached on local disk by sha256."""
+    with ctx.sessions() as session:
+        row = repo.get_weights(session, name)
+        if row is None:
+            return None
+        sha, key = row.sha256, row.object_key
+    cache = Path(ctx.settings.data_dir) / "weights-cache" / f"{sha}.safetensors"
+    if cache.is_file():
+        return sha, cache.read_bytes()
+    data = ctx.store.get_bytes(key)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.replace(cache)
+    return sha, data
