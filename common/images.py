@@ -106,6 +106,8 @@ def read_frame_file(path: str, *, max_bytes: int) -> bytes:
     import os
 
     try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(path)
         size = os.path.getsize(path)
         if size > max_bytes:
             raise ImageError(f"{path}: file is {size} bytes, above the limit of {max_bytes}")

@@ -14,6 +14,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def _ready(
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedClip(model, tokenizer, arch, ref, rnd, fp.replace("/", "_"))
+    return LoadedClip(model, tokenizer, arch, ref, rnd, re.sub(r"[^A-Za-z0-9._-]", "_", fp))
 
 
 def best_device(setting: str = "auto") -> str:
