@@ -204,7 +204,9 @@ def results(line, category, since, verdict, limit, as_json) -> None:
 
 
 def main() -> None:
-    from orchestrator import cli_admin  # noqa: F401  (registers admin commands)
-
     cli(prog_name="inspect")
+
+
+# Admin commands register themselves on ``cli``; imported last because they import ``cli``.
+from orchestrator import cli_admin  # noqa: E402, F401
 

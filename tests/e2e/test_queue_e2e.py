@@ -1,0 +1,127 @@
+"""The deployed path: `inspect submit --wait` -> RabbitMQ -> `celery -A workers worker` -> PG + S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from kombu import Connection
+from PIL import Image
+
+from storage import repo
+from storage.db import session_factory
+from storage.objects import S3ObjectStore
+from storage.orm import InspectionStatus
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER = os.environ.get("INSPECT_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+EXAMPLES = ROOT / "examples" / "pcb1"
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.fixture(scope="module")
+def broker() -> str:
+    try:
+        with Connection(BROKER, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # CI must have RabbitMQ: fail there, skip on a bare laptop
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"RabbitMQ not reachable: {exc}")
+    return BROKER
+
+
+def _env(tmp_path, pg_url, s3_server, creds, bucket, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECT_")}
+    env.update(
+        INSPECT_BROKER_URL=BROKER, INSPECT_DATABASE_URL=pg_url, INSPECT_S3_ENDPOINT=s3_server,
+        INSPECT_S3_ACCESS_KEY=creds["access_key"], INSPECT_S3_SECRET_KEY=creds["secret_key"],
+        INSPECT_S3_BUCKET=bucket, INSPECT_S3_REGION="us-east-1", INSPECT_CLIP_MODEL="inspect-tiny",
+        INSPECT_WEIGHTS="random", INSPECT_DATA_DIR=str(tmp_path / "data"), **extra,
+    )
+    return env
+
+
+def _start_worker(env: dict[str, str], queues: str, log: Path) -> subprocess.Popen:
+    cmd = [_bin("celery"), "-A", "workers", "worker", "-Q", queues, "--concurrency", "1",
+           "--loglevel", "INFO", "-n", f"e2e-{uuid.uuid4().hex[:6]}@%h", "--without-gossip",
+           "--without-mingle"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_bin("inspect"), "submit", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_submit_wait_through_rabbitmq_worker(tmp_path, broker, pg_url, s3_server, s3_credentials):
+    bucket = f"e2e-{uuid.uuid4().hex[:10]}"
+    env = _env(tmp_path, pg_url, s3_server, s3_credentials, bucket)
+    worker = _start_worker(env, "gpu", tmp_path / "worker.log")
+    try:
+        line = f"L{uuid.uuid4().hex[:6]}"
+        res = _submit(env, "--line", line, "--category", "pcb1", "--station", "2", "--serial", "SN-9",
+                      "--wait", "--timeout", "240", str(EXAMPLES))
+    finally:
+        _stop(worker)
+    log = (tmp_path / "worker.log").read_text()
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n--- worker log ---\n{log[-4000:]}"
+    rows = [r.split("\t") for r in res.stdout.strip().splitlines()]
+    assert len(rows) == 3 and all(r[1] in ("OK", "NG") for r in rows)
+    assert all("[random weights]" in r[-1] for r in rows)
+    assert "inspect.segment" in log and "inspect.finalize" in log
+
+    store = S3ObjectStore(endpoint=s3_server, bucket=bucket, region="us-east-1", **s3_credentials)
+    with session_factory(pg_url)() as s:
+        found = repo.list_results(s, line=line)
+        assert len(found) == 3
+        for insp, result in found:
+            assert insp.status == InspectionStatus.done and insp.serial == "SN-9"
+            assert result is not None and result.random_weights
+            assert store.exists(result.overlay_key) and store.exists(result.anomaly_map_key)
+            png = store.get_bytes(result.overlay_key)
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            assert [st.stage for st in insp.stage_runs] == ["segment", "finalize"]
+
+
+def test_routed_stage_queue_and_bad_frame(tmp_path, broker, pg_url, s3_server, s3_credentials):
+    q = f"gpu-e2e-{uuid.uuid4().hex[:6]}"
+    env = _env(tmp_path, pg_url, s3_server, s3_credentials, f"e2e-{uuid.uuid4().hex[:10]}",
+               INSPECT_DEFAULT_QUEUE=q, INSPECT_QUEUE_ROUTES=f"segment={q}.segment")
+    bad = tmp_path / "truncated.png"
+    bad.write_bytes((EXAMPLES / "good_000.png").read_bytes()[:500])
+    grey = tmp_path / "grey.png"
+    Image.open(EXAMPLES / "good_000.png").convert("L").save(grey)
+    worker = _start_worker(env, f"{q},{q}.segment", tmp_path / "worker.log")
+    try:
+        res = _submit(env, "--line", "7", "--category", "pcb1", "--wait", "--timeout", "240",
+                      str(bad), str(grey))
+    finally:
+        _stop(worker)
+        with Connection(BROKER) as conn:  # leave no test queues behind
+            ch = conn.channel()
+            for name in (q, f"{q}.segment"):
+                ch.queue_delete(name)
+    log = (tmp_path / "worker.log").read_text()
+    assert res.returncode == 2, f"{res.stdout}\n{res.stderr}\n{log[-3000:]}"  # one frame refused
+    assert "truncated.png" in res.stderr and "corrupt or truncated" in res.stderr
+    assert "\tOK\t" in res.stdout or "\tNG\t" in res.stdout
+    assert f"{q}.segment" in log  # the worker consumed the routed queue
