@@ -6,7 +6,7 @@ import glob
 import json
 import os
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -172,12 +172,12 @@ def parse_since(value: str | None) -> datetime | None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
-        return datetime.now(timezone.utc) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
+        return datetime.now(UTC) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
     try:
         t = datetime.fromisoformat(value)
     except ValueError as exc:
         raise click.BadParameter(f"{value!r}: use ISO time or 30m / 8h / 2d") from exc
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 @cli.command()

@@ -134,7 +134,11 @@ def models() -> None:
 def models_import(file: Path, name: str, arch: str | None, tag: str | None) -> None:
     """Validate weights against the architecture, store them as safetensors with their sha256."""
     from workers.weights import (  # torch is needed to read and check the checkpoint
-        WeightsNotFound, build_model, sha256_bytes, state_dict_from_bytes, to_safetensors,
+        WeightsNotFound,
+        build_model,
+        sha256_bytes,
+        state_dict_from_bytes,
+        to_safetensors,
     )
 
     orch = open_orchestrator()
@@ -160,4 +164,5 @@ def models_list() -> None:
     orch = open_orchestrator()
     with orch.sessions() as s:
         for w in repo.list_weights(s):
-            click.echo(f"{w.name}\t{w.arch}\t{w.tag or '-'}\t{w.sha256[:16]}\t{w.size_bytes} B\t{w.object_key}")
+            click.echo(f"{w.name}\t{w.arch}\t{w.tag or '-'}\t{w.sha256[:16]}\t{w.size_bytes} B"
+                       f"\t{w.object_key}")

@@ -90,6 +90,14 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="module")
+def pg_module_url() -> Iterator[str]:
+    """A migrated database per test module, for tests that commit (pipeline, end to end)."""
+    with pg_database() as url:
+        ensure_schema(url)
+        yield url
+
+
 @pytest.fixture
 def pg_fresh_url() -> Iterator[str]:
     """A migrated database of the test's own, for tests that must commit (concurrency)."""

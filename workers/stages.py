@@ -168,7 +168,9 @@ def run_finalize(inspection_id: str, ctx: StageContext) -> str:
             overlay_key=out["overlay_key"],
         )
         ms = (time.perf_counter() - t0) * 1000
-        repo.upsert_stage_run(s, inspection_id, "finalize", status=StageStatus.done, duration_ms=ms, worker=WORKER)
+        repo.upsert_stage_run(
+            s, inspection_id, "finalize", status=StageStatus.done, duration_ms=ms, worker=WORKER
+        )
         repo.mark_inspection(s, inspection_id, InspectionStatus.done)
     return inspection_id
 

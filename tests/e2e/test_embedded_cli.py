@@ -32,7 +32,7 @@ def test_submit_wait_status_results_embedded(tmp_path):
     assert "category 'pcb1' was new" in res.stderr
     rows = [r.split("\t") for r in res.stdout.strip().splitlines()]
     assert len(rows) == 3
-    for job, verdict, score, path, heatmap, tag in rows:
+    for _job, verdict, score, _path, heatmap, tag in rows:
         assert verdict in ("OK", "NG") and score.startswith("score=") and tag == "[random weights]"
         overlay = Path(heatmap.removeprefix("heatmap=file://"))
         assert overlay.is_file() and Image.open(overlay).size == (256, 256)

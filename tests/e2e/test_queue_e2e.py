@@ -39,10 +39,10 @@ def broker() -> str:
     return BROKER
 
 
-def _env(tmp_path, pg_url, s3_server, creds, bucket, **extra) -> dict[str, str]:
+def _env(tmp_path, pg_module_url, s3_server, creds, bucket, **extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECT_")}
     env.update(
-        INSPECT_BROKER_URL=BROKER, INSPECT_DATABASE_URL=pg_url, INSPECT_S3_ENDPOINT=s3_server,
+        INSPECT_BROKER_URL=BROKER, INSPECT_DATABASE_URL=pg_module_url, INSPECT_S3_ENDPOINT=s3_server,
         INSPECT_S3_ACCESS_KEY=creds["access_key"], INSPECT_S3_SECRET_KEY=creds["secret_key"],
         INSPECT_S3_BUCKET=bucket, INSPECT_S3_REGION="us-east-1", INSPECT_CLIP_MODEL="inspect-tiny",
         INSPECT_WEIGHTS="random", INSPECT_DATA_DIR=str(tmp_path / "data"), **extra,
@@ -72,9 +72,9 @@ def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_submit_wait_through_rabbitmq_worker(tmp_path, broker, pg_url, s3_server, s3_credentials):
+def test_submit_wait_through_rabbitmq_worker(tmp_path, broker, pg_module_url, s3_server, s3_credentials):
     bucket = f"e2e-{uuid.uuid4().hex[:10]}"
-    env = _env(tmp_path, pg_url, s3_server, s3_credentials, bucket)
+    env = _env(tmp_path, pg_module_url, s3_server, s3_credentials, bucket)
     worker = _start_worker(env, "gpu", tmp_path / "worker.log")
     try:
         line = f"L{uuid.uuid4().hex[:6]}"
@@ -90,7 +90,7 @@ def test_submit_wait_through_rabbitmq_worker(tmp_path, broker, pg_url, s3_server
     assert "inspect.segment" in log and "inspect.finalize" in log
 
     store = S3ObjectStore(endpoint=s3_server, bucket=bucket, region="us-east-1", **s3_credentials)
-    with session_factory(pg_url)() as s:
+    with session_factory(pg_module_url)() as s:
         found = repo.list_results(s, line=line)
         assert len(found) == 3
         for insp, result in found:
@@ -102,9 +102,9 @@ def test_submit_wait_through_rabbitmq_worker(tmp_path, broker, pg_url, s3_server
             assert [st.stage for st in insp.stage_runs] == ["segment", "finalize"]
 
 
-def test_routed_stage_queue_and_bad_frame(tmp_path, broker, pg_url, s3_server, s3_credentials):
+def test_routed_stage_queue_and_bad_frame(tmp_path, broker, pg_module_url, s3_server, s3_credentials):
     q = f"gpu-e2e-{uuid.uuid4().hex[:6]}"
-    env = _env(tmp_path, pg_url, s3_server, s3_credentials, f"e2e-{uuid.uuid4().hex[:10]}",
+    env = _env(tmp_path, pg_module_url, s3_server, s3_credentials, f"e2e-{uuid.uuid4().hex[:10]}",
                INSPECT_DEFAULT_QUEUE=q, INSPECT_QUEUE_ROUTES=f"segment={q}.segment")
     bad = tmp_path / "truncated.png"
     bad.write_bytes((EXAMPLES / "good_000.png").read_bytes()[:500])

@@ -27,8 +27,8 @@ def _png(seed: int, size: int = 96) -> bytes:
 
 
 @pytest.fixture
-def orch(pg_url, s3_server, s3_credentials, monkeypatch):
-    monkeypatch.setenv("INSPECT_DATABASE_URL", pg_url)
+def orch(pg_module_url, s3_server, s3_credentials, monkeypatch):
+    monkeypatch.setenv("INSPECT_DATABASE_URL", pg_module_url)
     monkeypatch.setenv("INSPECT_S3_ENDPOINT", s3_server)
     monkeypatch.setenv("INSPECT_S3_ACCESS_KEY", s3_credentials["access_key"])
     monkeypatch.setenv("INSPECT_S3_SECRET_KEY", s3_credentials["secret_key"])

@@ -9,6 +9,7 @@ import uuid
 import pytest
 import torch
 from click.testing import CliRunner
+from tests_support import png_bytes
 
 from common.settings import Settings, get_settings, reset_settings
 from orchestrator.cli import cli
@@ -17,7 +18,6 @@ from storage import repo
 from workers import runtime
 from workers.app import make_app
 from workers.weights import WeightsNotFound, load_clip, to_safetensors
-from tests_support import png_bytes
 
 
 def test_file_weights_load_and_mismatch_is_refused(tmp_path):
@@ -48,9 +48,11 @@ def test_pretrained_tag_without_network_fails_with_guidance(monkeypatch):
 
 
 @pytest.mark.integration
-def test_imported_weights_go_through_object_store(tmp_path, pg_url, s3_server, s3_credentials, monkeypatch):
+def test_imported_weights_go_through_object_store(
+    tmp_path, pg_module_url, s3_server, s3_credentials, monkeypatch
+):
     env = {
-        "INSPECT_DATABASE_URL": pg_url, "INSPECT_S3_ENDPOINT": s3_server,
+        "INSPECT_DATABASE_URL": pg_module_url, "INSPECT_S3_ENDPOINT": s3_server,
         "INSPECT_S3_ACCESS_KEY": s3_credentials["access_key"],
         "INSPECT_S3_SECRET_KEY": s3_credentials["secret_key"],
         "INSPECT_S3_BUCKET": f"w-{uuid.uuid4().hex[:10]}", "INSPECT_S3_REGION": "us-east-1",
