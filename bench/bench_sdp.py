@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"interpreter with anomalib (default {DEFAULT_ANOMALIB_PYTHON} if present)",
     )
     p.add_argument(
-        "--winclip-iters", type=int, default=2, help="timed WinCLIP rounds (~10x slower than a bare forward)"
+        "--winclip-iters", type=int, default=3, help="timed WinCLIP rounds (~10x slower than a bare forward)"
     )
     p.add_argument("--winclip-timeout", type=float, default=900.0, help="seconds for the probe")
     p.add_argument("--class-name", default="pcb1", help="WinCLIP prompt class name")

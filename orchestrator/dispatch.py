@@ -12,6 +12,7 @@ from typing import Protocol
 from celery import chain
 
 from common.settings import Settings
+from orchestrator.planner import fold_finalize
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ class QueueDispatcher:
 
     def send(self, inspection_id: str, stages: list[str]) -> None:
         sigs = [
-            self.app.signature(self.names[st], queue=self.settings.queue_for(st)) for st in stages
+            self.app.signature(self.names[st], kwargs={"finalize": fin}, queue=self.settings.queue_for(st))
+            for st, fin in fold_finalize(stages)
         ]
         sigs[0] = sigs[0].clone(args=(inspection_id,))
         try:
@@ -51,8 +53,8 @@ class InlineDispatcher:
         from workers.runtime import context
 
         ctx = context()
-        for st in stages:
-            if not stage_mod.execute(st, inspection_id, ctx):
+        for st, fin in fold_finalize(stages):
+            if not stage_mod.execute(st, inspection_id, ctx, finalize=fin):
                 break
 
 

@@ -15,3 +15,15 @@ def plan_stages(pipeline: dict[str, Any] | None) -> list[str]:
     if unknown:
         raise ValueError(f"unknown stages {unknown} in category pipeline; known: {KNOWN_STAGES}")
     return [*stages, "finalize"]
+
+
+def fold_finalize(stages: list[str]) -> list[tuple[str, bool]]:
+    """(stage, finalize) messages: finalize rides on the last compute stage.
+
+    Finalize is a few SQL statements; running it inside the last stage's task writes the
+    verdict in the same transaction and saves one broker round trip per frame.
+    """
+    if len(stages) >= 2 and stages[-1] == "finalize":
+        body = stages[:-1]
+        return [(st, i == len(body) - 1) for i, st in enumerate(body)]
+    return [(st, False) for st in stages]

@@ -64,8 +64,8 @@ class Intake:
                     f"register it with `inspect category add {category}`"
                 )
         image_key = keys.image_key(sha, frame.ext)
-        if not self.store.exists(image_key):
-            self.store.put_bytes(image_key, data, content_type=frame.content_type)
+        # Content-addressed: rewriting the same bytes is harmless and cheaper than asking first.
+        self.store.put_bytes(image_key, data, content_type=frame.content_type)
         with self.sessions.begin() as session:
             cat, registered = ensure_category(session, category, s)
             insp, created = repo.create_inspection(

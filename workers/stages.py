@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from workers.runtime import StageContext, segment_engine
 log = logging.getLogger(__name__)
 TRANSIENT = (OperationalError, ObjectStoreUnavailable, ConnectionError, TimeoutError)
 WORKER = socket.gethostname()
+_io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io")
 
 
 class StageFailed(Exception):
@@ -78,8 +80,12 @@ def _start(ctx: StageContext, inspection_id: str, stage: str) -> SegmentInput | 
         return SegmentInput(insp.image_key, cat.name, ps.id, ps.version, prompt, cat.score_norm)
 
 
-def run_segment(inspection_id: str, ctx: StageContext) -> str:
-    """SDP anomaly map and score terms for one frame; map and overlay go to the object store."""
+def run_segment(inspection_id: str, ctx: StageContext, finalize: bool = False) -> str:
+    """SDP anomaly map and score terms for one frame; map and overlay go to the object store.
+
+    With ``finalize`` the verdict is written in the same transaction as the stage output,
+    saving a broker round trip and a commit per frame when segment is the last stage.
+    """
     t0 = time.perf_counter()
     inp = _start(ctx, inspection_id, "segment")
     if inp is None:
@@ -98,7 +104,9 @@ def run_segment(inspection_id: str, ctx: StageContext) -> str:
     engine = segment_engine(ctx)
     spec = PromptSpec(class_name=inp.category, **inp.prompt)
     text = engine.text_features(spec, ctx.store)
+    t_model = time.perf_counter()
     pred = engine.predict([frame.rgb], [text])[0]
+    model_ms = (time.perf_counter() - t_model) * 1000
     map_key, overlay_key = _write_pictures(ctx, inspection_id, frame.rgb, pred, inp, engine)
     output = {
         "cls_prob": pred.cls_prob,
@@ -111,12 +119,16 @@ def run_segment(inspection_id: str, ctx: StageContext) -> str:
         "prompt_set_id": inp.prompt_set_id,
         "prompt_set_version": inp.prompt_set_version,
         "map_shape": list(pred.anomaly_map.shape),
+        "model_ms": model_ms,
     }
     ms = (time.perf_counter() - t0) * 1000
     with ctx.sessions.begin() as s:
         repo.upsert_stage_run(
             s, inspection_id, "segment", status=StageStatus.done, duration_ms=ms, output=output, worker=WORKER
         )
+        if finalize:
+            insp = repo.get_inspection(s, inspection_id)
+            _finalize(s, insp, output, time.perf_counter())
     return inspection_id
 
 
@@ -125,7 +137,9 @@ def _write_pictures(ctx, inspection_id, rgb, pred, inp: SegmentInput, engine) ->
 
     map_key = keys.anomaly_map_key(inspection_id)
     overlay_key = keys.overlay_key(inspection_id)
-    ctx.store.put_bytes(map_key, map_to_npy(pred.anomaly_map), content_type="application/x-npy")
+    map_put = _io_pool.submit(
+        ctx.store.put_bytes, map_key, map_to_npy(pred.anomaly_map), content_type="application/x-npy"
+    )  # overlaps the upload with rendering the overlay
     rng = tuple(inp.score_norm["map"]) if inp.score_norm else None
     caption = f"{inp.category} cls={pred.cls_prob:.3f} max={pred.map_max:.3f}"
     if engine.clip.random_weights:
@@ -134,11 +148,15 @@ def _write_pictures(ctx, inspection_id, rgb, pred, inp: SegmentInput, engine) ->
         rgb, pred.anomaly_map, value_range=rng, max_side=ctx.settings.overlay_max_side, caption=caption
     )
     ctx.store.put_bytes(overlay_key, png, content_type="image/png")
+    map_put.result()
     return map_key, overlay_key
 
 
-def run_finalize(inspection_id: str, ctx: StageContext) -> str:
-    """Threshold -> verdict, result row, inspection done; one transaction, safe to repeat."""
+def run_finalize(inspection_id: str, ctx: StageContext, finalize: bool = True) -> str:
+    """Threshold -> verdict, result row, inspection done; one transaction, safe to repeat.
+
+    ``finalize`` is accepted for a uniform stage signature; this stage always finalizes.
+    """
     t0 = time.perf_counter()
     with ctx.sessions.begin() as s:
         insp = repo.get_inspection(s, inspection_id)
@@ -149,39 +167,46 @@ def run_finalize(inspection_id: str, ctx: StageContext) -> str:
         seg = repo.get_stage_run(s, inspection_id, "segment")
         if seg is None or seg.status != StageStatus.done or not seg.output:
             raise StageFailed("segment stage has not produced an output")
-        out = seg.output
-        cat = insp.category
-        score = scoring.image_score(out["cls_prob"], out["map_max"], cat.score_norm)
-        repo.upsert_result(
-            s,
-            inspection_id,
-            image_score=score,
-            verdict=scoring.verdict(score, cat.threshold),
-            threshold=cat.threshold,
-            scores={"cls_prob": out["cls_prob"], "map_max": out["map_max"], "norm": cat.score_norm},
-            model_name=out["model_name"],
-            weights_ref=out["weights_ref"],
-            random_weights=out["random_weights"],
-            prompt_set_id=out["prompt_set_id"],
-            prompt_set_version=out["prompt_set_version"],
-            anomaly_map_key=out["anomaly_map_key"],
-            overlay_key=out["overlay_key"],
-        )
-        ms = (time.perf_counter() - t0) * 1000
-        repo.upsert_stage_run(
-            s, inspection_id, "finalize", status=StageStatus.done, duration_ms=ms, worker=WORKER
-        )
-        repo.mark_inspection(s, inspection_id, InspectionStatus.done)
+        _finalize(s, insp, seg.output, t0)
     return inspection_id
+
+
+def _finalize(s, insp, out: dict[str, Any], t0: float) -> None:
+    """Verdict from the category's current threshold and score statistics (data, not code)."""
+    inspection_id = insp.id
+    if insp.status in (InspectionStatus.done, InspectionStatus.failed):
+        return
+    cat = insp.category
+    score = scoring.image_score(out["cls_prob"], out["map_max"], cat.score_norm)
+    repo.upsert_result(
+        s,
+        inspection_id,
+        image_score=score,
+        verdict=scoring.verdict(score, cat.threshold),
+        threshold=cat.threshold,
+        scores={"cls_prob": out["cls_prob"], "map_max": out["map_max"], "norm": cat.score_norm},
+        model_name=out["model_name"],
+        weights_ref=out["weights_ref"],
+        random_weights=out["random_weights"],
+        prompt_set_id=out["prompt_set_id"],
+        prompt_set_version=out["prompt_set_version"],
+        anomaly_map_key=out["anomaly_map_key"],
+        overlay_key=out["overlay_key"],
+    )
+    ms = (time.perf_counter() - t0) * 1000
+    repo.upsert_stage_run(
+        s, inspection_id, "finalize", status=StageStatus.done, duration_ms=ms, worker=WORKER
+    )
+    repo.mark_inspection(s, inspection_id, InspectionStatus.done)
 
 
 STAGES = {"segment": run_segment, "finalize": run_finalize}
 
 
-def execute(stage: str, inspection_id: str, ctx: StageContext) -> bool:
+def execute(stage: str, inspection_id: str, ctx: StageContext, finalize: bool = False) -> bool:
     """Run one stage with failure recording (no retries); False when the chain must stop."""
     try:
-        STAGES[stage](inspection_id, ctx)
+        STAGES[stage](inspection_id, ctx, finalize=finalize)
     except StageFailed as exc:
         record_failure(ctx, inspection_id, stage, str(exc))
         return False

@@ -16,10 +16,10 @@ from workers.runtime import context
 MAX_RETRIES = 8
 
 
-def _run(task: Task, stage: str, inspection_id: str) -> str:
+def _run(task: Task, stage: str, inspection_id: str, finalize: bool) -> str:
     ctx = context()
     try:
-        stages.STAGES[stage](inspection_id, ctx)
+        stages.STAGES[stage](inspection_id, ctx, finalize=finalize)
     except stages.TRANSIENT as exc:
         if task.request.retries >= MAX_RETRIES:
             stages.record_failure(ctx, inspection_id, stage, f"infrastructure unavailable: {exc}")
@@ -36,10 +36,10 @@ def _run(task: Task, stage: str, inspection_id: str) -> str:
 
 
 @app.task(name=TASK_NAMES["segment"], bind=True, max_retries=MAX_RETRIES)
-def segment(self: Task, inspection_id: str) -> str:
-    return _run(self, "segment", inspection_id)
+def segment(self: Task, inspection_id: str, finalize: bool = False) -> str:
+    return _run(self, "segment", inspection_id, finalize)
 
 
 @app.task(name=TASK_NAMES["finalize"], bind=True, max_retries=MAX_RETRIES)
-def finalize(self: Task, inspection_id: str) -> str:
-    return _run(self, "finalize", inspection_id)
+def finalize(self: Task, inspection_id: str, finalize: bool = True) -> str:
+    return _run(self, "finalize", inspection_id, finalize)

@@ -87,7 +87,7 @@ def test_submit_wait_through_rabbitmq_worker(tmp_path, broker, pg_module_url, s3
     rows = [r.split("\t") for r in res.stdout.strip().splitlines()]
     assert len(rows) == 3 and all(r[1] in ("OK", "NG") for r in rows)
     assert all("[random weights]" in r[-1] for r in rows)
-    assert "inspect.segment" in log and "inspect.finalize" in log
+    assert "inspect.segment" in log  # finalize rides on the segment task (one message per frame)
 
     store = S3ObjectStore(endpoint=s3_server, bucket=bucket, region="us-east-1", **s3_credentials)
     with session_factory(pg_module_url)() as s:
