@@ -205,6 +205,22 @@ def get_inspection(s: Session, inspection_id: str) -> Inspection | None:
     return s.get(Inspection, inspection_id)
 
 
+def get_inspection_for_stage(s: Session, inspection_id: str) -> Inspection | None:
+    """The inspection locked for update, with its category, active prompt set and stage runs
+    loaded in one round trip (the per-frame hot path of every stage)."""
+    stmt = (
+        select(Inspection)
+        .where(Inspection.id == inspection_id)
+        .options(
+            joinedload(Inspection.category).joinedload(Category.active_prompt_set),
+            joinedload(Inspection.stage_runs),
+        )
+        .with_for_update(of=Inspection)
+        .execution_options(populate_existing=True)
+    )
+    return s.scalars(stmt).unique().one_or_none()
+
+
 def get_inspection_by_frame(s: Session, frame_id: str) -> Inspection | None:
     return s.scalars(select(Inspection).where(Inspection.frame_id == frame_id)).one_or_none()
 
@@ -253,11 +269,17 @@ def _locked(s: Session, model: type[T], *where: Any) -> T | None:
 
 
 def mark_inspection(
-    s: Session, inspection_id: str, status: InspectionStatus, reason: str | None = None
+    s: Session,
+    inspection_id: str,
+    status: InspectionStatus,
+    reason: str | None = None,
+    *,
+    locked: Inspection | None = None,
 ) -> None:
     """Move an inspection forward. done and failed are final: later marks are ignored, so a
-    redelivered or late stage can never reopen or flip a verdict."""
-    inspection = _locked(s, Inspection, Inspection.id == inspection_id)
+    redelivered or late stage can never reopen or flip a verdict. ``locked``: the row already
+    read FOR UPDATE in this transaction (saves a round trip)."""
+    inspection = locked if locked is not None else _locked(s, Inspection, Inspection.id == inspection_id)
     if inspection is None:
         log.warning("mark_inspection: unknown inspection %s", inspection_id)
         return
