@@ -87,6 +87,7 @@ def bench_sdp(arch: str, batch: int, warmup: int, iters: int) -> dict[str, Any]:
             "sdp_over_bare": res["sdp"]["median_s"] / bare_s,  # bare forwards per image
             "sdp_encoder_over_bare": res["sdp_encoder"]["median_s"] / bare_s,
             "sdp_head_over_bare": (res["sdp"]["median_s"] - res["sdp_encoder"]["median_s"]) / bare_s,
+            "sdp_over_bare_min": res["sdp"]["min_s"] / res["bare"]["min_s"],  # fastest batches
         },
     }
 
@@ -145,7 +146,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"{'variant':<14}{'s/batch':>10}{'img/s':>9}{'x bare':>9}   per-batch times (s)")
     bare_s = res["bare"]["median_s"]
     for name, r in res.items():
-        times = " ".join(f"{t:.2f}" for t in r["times_s"])
+        times = " ".join(f"{t:.3g}" for t in r["times_s"])
         print(
             f"{name:<14}{r['median_s']:>10.3f}{r['images_per_s']:>9.2f}"
             f"{r['median_s'] / bare_s:>9.2f}   {times}"
@@ -154,7 +155,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"SDP / bare time ratio {ratios['sdp_over_bare']:.2f} ({verdict} goal <= {SDP_GOAL}); "
         f"encoder {ratios['sdp_encoder_over_bare']:.2f}, maps+smoothing "
-        f"{ratios['sdp_head_over_bare']:.2f} bare forwards"
+        f"{ratios['sdp_head_over_bare']:.2f} bare forwards; fastest-batch ratio "
+        f"{ratios['sdp_over_bare_min']:.2f}"
     )
     win = report["winclip"]
     if "skipped" in win:

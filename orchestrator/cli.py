@@ -210,3 +210,4 @@ def main() -> None:
 # Admin commands register themselves on ``cli``; imported last because they import ``cli``.
 from orchestrator import cli_admin  # noqa: E402, F401
 
+from orchestrator import cli_eval  # noqa: E402, F401

@@ -1,0 +1,1 @@
+"""Measuring detection quality: metrics, dataset readers, synthetic data, evaluation runs."""
