@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -23,16 +23,20 @@ STRUCTURAL = ("scratch", "hole", "stain", "crack")
 LOGICAL_SUBTYPES = ("missing", "extra", "swapped", "misplaced", "wrong_colour")
 LOCO_TYPES = ("logical_anomalies", "structural_anomalies")
 GENERATOR = "evaluation.synth"
+MIN_SIZE, MAX_SIZE = 64, 4096  # below 64 px the tray has no room for extra/misplaced parts
 VERSION = 1
 _KIND_ID = {k: i + 1 for i, k in enumerate(KINDS)}
 _SPLIT_ID = {"train": 0, "validation": 1, "test": 2}
 _DEFECT_ID = {d: i for i, d in enumerate(("good", *STRUCTURAL, *LOCO_TYPES))}
 _MASK_ALPHA = 0.1
 _SUB = 16  # cv2 drawing with shift=4: sub-pixel coordinates
-_STAIN_COLOURS = np.array([(95, 60, 30), (60, 115, 55), (160, 35, 40), (40, 60, 150), (20, 20, 20)], np.float32)
-# Logical board: (shape, colour, x, y) of the canonical components, as fractions of the image size.
+_STAIN_COLOURS = np.array([(95, 60, 30), (60, 115, 55), (160, 35, 40), (40, 60, 150), (20, 20, 20)],
+                          np.float32)
+_PALETTES = (((110, 88, 62), (205, 182, 146)), ((70, 82, 98), (165, 176, 192)),
+             ((82, 88, 56), (172, 176, 124)))  # fabric (dark, light) colour pairs
 RED, BLUE, YELLOW = (205, 40, 40), (40, 75, 195), (235, 200, 40)
 _ODD_COLOURS = ((60, 165, 80), (145, 70, 185))  # colours no correct component has
+# Logical board: (shape, colour, x, y) of the canonical components, as fractions of the image size.
 _LAYOUT = (("circle", RED, 0.25, 0.27), ("circle", RED, 0.75, 0.27),
            ("square", BLUE, 0.25, 0.73), ("bar", YELLOW, 0.68, 0.73))
 
@@ -53,12 +57,6 @@ class _Comp:
     cy: float
     angle: float  # degrees
     scale: float
-
-    def moved(self, cx: float, cy: float) -> _Comp:
-        return _Comp(self.shape, self.colour, cx, cy, self.angle, self.scale)
-
-    def recoloured(self, colour: tuple[int, int, int]) -> _Comp:
-        return _Comp(self.shape, colour, self.cx, self.cy, self.angle, self.scale)
 
 
 def defect_types(kind: str) -> tuple[str, ...]:
@@ -82,8 +80,6 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown synthetic kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-# --- drawing helpers --------------------------------------------------------------------------
-
 def _pts(points: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(points, np.float64) * _SUB).astype(np.int32)
 
@@ -104,17 +100,18 @@ def _to_u8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _lum(rgb: np.ndarray) -> float:
-    return float(np.dot(rgb, (0.299, 0.587, 0.114)))
+def _disc(size: int, c: np.ndarray, r: float, thickness: int = -1) -> np.ndarray:
+    return _canvas(size, lambda im: cv2.circle(im, tuple(_pts(c)), int(r * _SUB), 255, thickness,
+                                               cv2.LINE_AA, 4))
 
 
-def _pick_centre(rng: np.random.Generator, region: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(region)
-    i = int(rng.integers(len(xs)))
-    return np.array([xs[i], ys[i]], np.float64) + 0.5
+def _walk(rng: np.random.Generator, start: np.ndarray, ang: float, steps: int, step: float) -> np.ndarray:
+    pts = [start]
+    for _ in range(steps):
+        ang += rng.normal(0, 0.45)
+        pts.append(pts[-1] + step * np.array([np.cos(ang), np.sin(ang)]))
+    return np.array(pts)
 
-
-# --- structural defects -----------------------------------------------------------------------
 
 def _defect_alpha(name: str, rng: np.random.Generator, size: int, c: np.ndarray, scale: float) -> np.ndarray:
     """Coverage of one structural defect centred near ``c``; ``scale`` is its characteristic length."""
@@ -145,48 +142,44 @@ def _defect_alpha(name: str, rng: np.random.Generator, size: int, c: np.ndarray,
     if name == "crack":
         steps = int(rng.integers(10, 16))
         step, ang = scale * rng.uniform(0.8, 1.4) / steps, rng.uniform(0, 2 * np.pi)
-        pts = [c.copy()]
-        for _ in range(steps):
-            ang += rng.normal(0, 0.45)
-            pts.append(pts[-1] + step * np.array([np.cos(ang), np.sin(ang)]))
-        start = steps // 2  # one side branch makes it read as a crack rather than a scratch
-        branch = [pts[start]]
-        bang = ang + rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.2)
-        for _ in range(steps // 3):
-            bang += rng.normal(0, 0.45)
-            branch.append(branch[-1] + step * np.array([np.cos(bang), np.sin(bang)]))
+        trunk = _walk(rng, c, ang, steps, step)
+        # One side branch makes it read as a crack rather than a scratch.
+        branch = _walk(rng, trunk[steps // 2], ang + rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.2),
+                       steps // 3, step)
         th = max(1, round(size / 128))
-        return _canvas(size, lambda im: cv2.polylines(im, [_pts(np.array(pts)), _pts(np.array(branch))],
-                                                      False, 255, th, cv2.LINE_AA, 4))
+        return _canvas(size, lambda im: cv2.polylines(im, [_pts(trunk), _pts(branch)], False, 255, th,
+                                                      cv2.LINE_AA, 4))
     raise ValueError(f"unknown structural defect {name!r}")
 
 
-def _paint_defect(name: str, rng: np.random.Generator, img: np.ndarray, region: np.ndarray,
-                  scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Paint a structural defect inside ``region``; returns (image, mask)."""
+def _paint_defect(name: str, rng: np.random.Generator, img: np.ndarray, surface: np.ndarray,
+                  scale: float, centres: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Paint a structural defect starting in ``centres``, clipped to ``surface``; returns (image, mask)."""
     size = img.shape[0]
-    for _ in range(50):  # redraw when clipping to the region leaves almost nothing
-        c = _pick_centre(rng, region)
-        alpha = _defect_alpha(name, rng, size, c, scale) * region
+    ys, xs = np.nonzero(surface if centres is None else centres)
+    for _ in range(50):  # redraw when clipping to the surface cuts away much of the defect
+        i = int(rng.integers(len(xs)))
+        c = np.array([xs[i], ys[i]], np.float64) + 0.5
+        full = _defect_alpha(name, rng, size, c, scale)
+        alpha = full * surface
         mask = alpha > _MASK_ALPHA
-        if mask.sum() >= max(6, size * size // 4000):
+        if mask.sum() >= max(6, 0.6 * (full > _MASK_ALPHA).sum()):
             break
     local = img[mask].mean(axis=0)
-    if name in ("scratch",):  # bright on dark surfaces, dark on bright ones, so it is visible
-        colour: np.ndarray = np.full(3, 240.0 if _lum(local) < 140 else 30.0, np.float32)
+    if name == "scratch":  # bright on dark surfaces, dark on bright ones, so it is visible
+        colour: np.ndarray = np.full(3, 240.0 if np.dot(local, (0.299, 0.587, 0.114)) < 140 else 30.0)
     elif name in ("hole", "crack"):
         colour = np.array((22, 20, 18), np.float32)
     else:
-        far = [s for s in _STAIN_COLOURS if np.abs(s - local).sum() > 150] or list(_STAIN_COLOURS)
+        far = [s for s in _STAIN_COLOURS if np.linalg.norm(s - local) > 120] or list(_STAIN_COLOURS)
         colour = far[int(rng.integers(len(far)))]
     return _blend(img, alpha, colour), mask
 
 
-# --- scenes -----------------------------------------------------------------------------------
-
-def _texture(rng: np.random.Generator, style: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    palettes = (((110, 88, 62), (205, 182, 146)), ((70, 82, 98), (165, 176, 192)), ((82, 88, 56), (172, 176, 124)))
-    dark, light = (np.array(c, np.float32) for c in palettes[int(style.integers(len(palettes)))])
+def _texture(rng: np.random.Generator, style: np.random.Generator,
+             size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain-weave fabric; ``style`` (per category) fixes colours and thread pitch, ``rng`` the phase."""
+    dark, light = (np.array(c, np.float32) for c in _PALETTES[int(style.integers(len(_PALETTES)))])
     period = size / style.uniform(10, 14)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     th = rng.normal(0, np.deg2rad(2))
@@ -212,28 +205,20 @@ def _object(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
     rad = 0.32 * size * rng.uniform(0.98, 1.02)
     rot = np.deg2rad(rng.uniform(-10, 10))
     c = np.array([cx, cy])
-    shadow = _canvas(size, lambda im: cv2.circle(im, tuple(_pts(c + 0.025 * size)), int(rad * _SUB), 255, -1,
-                                                 cv2.LINE_AA, 4))
-    img *= 1 - 0.3 * cv2.GaussianBlur(shadow, (0, 0), 0.03 * size)[..., None]
-    disc = _canvas(size, lambda im: cv2.circle(im, tuple(_pts(c)), int(rad * _SUB), 255, -1, cv2.LINE_AA, 4))
-    bore = _canvas(size, lambda im: cv2.circle(im, tuple(_pts(c)), int(0.26 * rad * _SUB), 255, -1,
-                                               cv2.LINE_AA, 4))
-    part = np.clip(disc - bore, 0, 1)
+    img *= 1 - 0.3 * cv2.GaussianBlur(_disc(size, c + 0.025 * size, rad), (0, 0), 0.03 * size)[..., None]
+    part = np.clip(_disc(size, c, rad) - _disc(size, c, 0.26 * rad), 0, 1)  # disc minus centre bore
     shade = 1 + 0.25 * (-(xx - cx) - (yy - cy)) / (2 * rad)  # lit from the top left
     body = np.array((70, 110, 170), np.float32) * shade[..., None]
     img = img * (1 - part[..., None]) + body * part[..., None]
-    groove = _canvas(size, lambda im: cv2.circle(im, tuple(_pts(c)), int(0.86 * rad * _SUB), 255,
-                                                 max(1, round(size / 128)), cv2.LINE_AA, 4))
-    img = _blend(img, groove * 0.6, (35, 55, 95))
+    img = _blend(img, _disc(size, c, 0.86 * rad, max(1, round(size / 128))) * 0.6, (35, 55, 95))
     for k in range(4):
         a = rot + np.pi / 4 + k * np.pi / 2
         p = c + 0.62 * rad * np.array([np.cos(a), np.sin(a)])
-        hole = _canvas(size, lambda im, p=p: cv2.circle(im, tuple(_pts(p)), int(0.09 * rad * _SUB), 255, -1,
-                                                        cv2.LINE_AA, 4))
-        img = _blend(img, hole, (30, 34, 44))
+        img = _blend(img, _disc(size, p, 0.09 * rad), (30, 34, 44))  # bolt holes
     up = np.array([np.sin(rot), -np.cos(rot)])
     side = np.array([np.cos(rot), np.sin(rot)])
-    tri = np.array([c + 0.62 * rad * up, c + 0.4 * rad * up + 0.1 * rad * side, c + 0.4 * rad * up - 0.1 * rad * side])
+    tri = np.array([c + 0.62 * rad * up, c + rad * (0.4 * up + 0.1 * side),
+                    c + rad * (0.4 * up - 0.1 * side)])
     arrow = _canvas(size, lambda im: cv2.fillPoly(im, [_pts(tri)], 255, cv2.LINE_AA, 4))
     img = _blend(img, arrow, (235, 235, 230))
     img += rng.normal(0, 2.0, img.shape).astype(np.float32)
@@ -243,8 +228,7 @@ def _object(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
 def _comp_alpha(comp: _Comp, size: int) -> np.ndarray:
     c, s, ang = np.array([comp.cx, comp.cy]) * size, comp.scale * size, np.deg2rad(comp.angle)
     if comp.shape == "circle":
-        return _canvas(size, lambda im: cv2.circle(im, tuple(_pts(c)), int(0.095 * s * _SUB), 255, -1,
-                                                   cv2.LINE_AA, 4))
+        return _disc(size, c, 0.095 * s)
     hw, hh = (0.085, 0.085) if comp.shape == "square" else (0.15, 0.04)
     rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
     box = np.array([(-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh)]) * s @ rot.T + c
@@ -261,7 +245,7 @@ def _board(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray,
         for x0, y0, x1, y1 in ((lo + rr, lo, hi - rr, hi), (lo, lo + rr, hi, hi - rr)):
             cv2.rectangle(im, (int(x0), int(y0)), (int(x1), int(y1)), 255, -1)
         for x, y in ((lo + rr, lo + rr), (hi - rr, lo + rr), (lo + rr, hi - rr), (hi - rr, hi - rr)):
-            cv2.circle(im, tuple(_pts((x, y))), int(rr * _SUB), 255, -1, cv2.LINE_AA, 4)
+            cv2.circle(im, tuple(_pts((x, y))), int(rr * _SUB), 255, -1, cv2.LINE_AA, 4)  # round corners
 
     img = _blend(img, _canvas(size, tray), (212, 208, 198))
     lip = _canvas(size, lambda im: cv2.rectangle(im, (int(0.1 * size),) * 2, (int(0.9 * size),) * 2, 255, 1))
@@ -288,22 +272,27 @@ def _draw_comps(base: np.ndarray, grain: np.ndarray, comps: list[_Comp]) -> np.n
 
 def _region(comp: _Comp, size: int) -> np.ndarray:
     """Where a component's pixels can change: its footprint grown past the anti-aliased edge."""
-    grow = max(2, round(size / 64))
+    grow = max(1, round(size / 64))
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
     return cv2.dilate((_comp_alpha(comp, size) > 0).astype(np.uint8), k) > 0
 
 
 def _place(rng: np.random.Generator, comp: _Comp, others: list[_Comp], size: int,
            away_from: tuple[float, float] | None = None) -> _Comp:
-    """Move ``comp`` to a random free spot on the tray (clear of ``others``)."""
-    taken = np.zeros((size, size), bool)
+    """Move ``comp`` to a random free spot inside the tray's lip, clear of ``others``."""
+    taken = np.ones((size, size), bool)
+    lo, hi = round(0.1 * size) + 1, round(0.9 * size) - 1
+    taken[lo:hi, lo:hi] = False
     for o in others:
         taken |= _region(o, size)
-    taken = cv2.dilate(taken.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    for _ in range(400):
-        cand = comp.moved(*rng.uniform(0.2, 0.8, 2))
-        if away_from is not None and np.hypot(cand.cx - away_from[0], cand.cy - away_from[1]) < 0.15:
+    gap = max(1, round(size / 64))  # keep a visible gap between parts
+    taken = cv2.dilate(taken.astype(np.uint8), np.ones((2 * gap + 1,) * 2, np.uint8)) > 0
+    # Random tries first; then a shuffled grid, so a free spot is found whenever one exists on it.
+    grid = np.stack(np.meshgrid(np.linspace(0.12, 0.88, 25), np.linspace(0.12, 0.88, 25)), -1).reshape(-1, 2)
+    for x, y in np.concatenate([rng.uniform(0.12, 0.88, (200, 2)), rng.permutation(grid)]):
+        if away_from is not None and np.hypot(x - away_from[0], y - away_from[1]) < 0.15:
             continue
+        cand = replace(comp, cx=float(x), cy=float(y))
         if not (_region(cand, size) & taken).any():
             return cand
     raise RuntimeError("no free spot on the synthetic tray; this is a bug in the layout constants")
@@ -317,7 +306,8 @@ def _logical(scene: np.random.Generator, rng: np.random.Generator, size: int,
         return clean, clean, []
     if subtype in ("scratch", "stain"):
         k = int(rng.integers(len(comps)))
-        region = cv2.erode((_comp_alpha(comps[k], size) > 0.5).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        foot = (_comp_alpha(comps[k], size) > 0.5).astype(np.uint8)
+        region = cv2.erode(foot, np.ones((3, 3), np.uint8)) > 0
         img, mask = _paint_defect(subtype, rng, clean, region, 0.19 * comps[k].scale * size)
         return img, clean, [mask]
     new = list(comps)
@@ -326,15 +316,19 @@ def _logical(scene: np.random.Generator, rng: np.random.Generator, size: int,
         masks = [_region(new.pop(k), size)]
     elif subtype == "extra":
         shape, colour, _, _ = _LAYOUT[int(rng.integers(len(_LAYOUT)))]
-        extra = _place(rng, _Comp(shape, colour, 0, 0, rng.uniform(-6, 6), rng.uniform(0.96, 1.04)), comps, size)
+        template = _Comp(shape, colour, 0, 0, rng.uniform(-6, 6), rng.uniform(0.96, 1.04))
+        extra = _place(rng, template, comps, size)
         new.append(extra)
         masks = [_region(extra, size)]
     elif subtype == "swapped":
         pairs = [(i, j) for i in range(len(comps)) for j in range(i + 1, len(comps))
                  if comps[i].shape != comps[j].shape]
         i, j = pairs[int(rng.integers(len(pairs)))]
-        new[i], new[j] = comps[i].moved(comps[j].cx, comps[j].cy), comps[j].moved(comps[i].cx, comps[i].cy)
-        masks = [_region(comps[i], size) | _region(new[j], size), _region(comps[j], size) | _region(new[i], size)]
+        new[i] = replace(comps[i], cx=comps[j].cx, cy=comps[j].cy)
+        new[j] = replace(comps[j], cx=comps[i].cx, cy=comps[i].cy)
+        # One region per slot: what left it and what arrived there.
+        masks = [_region(comps[i], size) | _region(new[j], size),
+                 _region(comps[j], size) | _region(new[i], size)]
     elif subtype == "misplaced":
         k = int(rng.integers(len(comps)))
         new[k] = _place(rng, comps[k], comps[:k] + comps[k + 1:], size, away_from=(comps[k].cx, comps[k].cy))
@@ -342,7 +336,7 @@ def _logical(scene: np.random.Generator, rng: np.random.Generator, size: int,
     elif subtype == "wrong_colour":
         k = int(rng.integers(len(comps)))
         options = [c for c in (RED, BLUE, YELLOW, *_ODD_COLOURS) if c != comps[k].colour]
-        new[k] = comps[k].recoloured(options[int(rng.integers(len(options)))])
+        new[k] = replace(comps[k], colour=options[int(rng.integers(len(options)))])
         masks = [_region(comps[k], size)]
     else:
         raise ValueError(f"unknown logical subtype {subtype!r}")
@@ -354,7 +348,7 @@ def render_sample(kind: str, defect: str, index: int, *, seed: int = 0, size: in
     """The image ``generate`` writes for ``<split>/<defect>/<index>``, with its defect-free twin."""
     _check_kind(kind)
     if defect not in defect_types(kind):
-        raise ValueError(f"{kind} has no defect type {defect!r}; expected one of {', '.join(defect_types(kind))}")
+        raise ValueError(f"{kind} has no defect type {defect!r}; expected {', '.join(defect_types(kind))}")
     if split not in _SPLIT_ID or (split != "test" and defect != "good"):
         raise ValueError(f"split {split!r} cannot hold {defect!r} images")
     seq = np.random.SeedSequence([seed, _KIND_ID[kind], _SPLIT_ID[split], _DEFECT_ID[defect], index])
@@ -369,19 +363,20 @@ def render_sample(kind: str, defect: str, index: int, *, seed: int = 0, size: in
         img, clean, masks = _logical(scene_rng, defect_rng, size, subtype)
         return Rendered(_to_u8(img), _to_u8(clean), tuple(masks), subtype)
     if kind == "texture":
-        clean, region = _texture(scene_rng, np.random.default_rng([seed, _KIND_ID[kind]]), size)
+        clean, surface = _texture(scene_rng, np.random.default_rng([seed, _KIND_ID[kind]]), size)
+        centres = np.zeros_like(surface)
+        m = round(0.1 * size)  # centres away from the border, so the image edge does not cut defects
+        centres[m:-m, m:-m] = True
     else:
-        clean, region = _object(scene_rng, size)
+        clean, surface = _object(scene_rng, size)
+        # Centres off the part's outer edge, so defects read as surface damage.
+        centres = cv2.erode(surface.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     if defect == "good":
         u8 = _to_u8(clean)
         return Rendered(u8, u8, (), "good")
-    if kind == "object":  # keep defects off the part's outer edge so they read as surface damage
-        region = cv2.erode(region.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    img, mask = _paint_defect(defect, defect_rng, clean, region, 0.25 * size)
+    img, mask = _paint_defect(defect, defect_rng, clean, surface, 0.25 * size, centres)
     return Rendered(_to_u8(img), _to_u8(clean), (mask,), defect)
 
-
-# --- writing ----------------------------------------------------------------------------------
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -392,21 +387,20 @@ def _prepare(root: Path) -> None:
     """Start from an empty category folder; only replace what this generator wrote before."""
     if root.exists():
         meta = root / "meta.json"
-        ours = False
-        if meta.is_file():
-            try:
-                ours = json.loads(meta.read_text()).get("generator") == GENERATOR
-            except (ValueError, AttributeError):
-                ours = False
+        try:
+            ours = json.loads(meta.read_text()).get("generator") == GENERATOR
+        except (OSError, ValueError, AttributeError):
+            ours = False
         if ours:
             shutil.rmtree(root)
         elif not root.is_dir() or any(root.iterdir()):
-            raise FileExistsError(f"{root} exists and was not written by {GENERATOR}; refusing to overwrite it")
+            raise FileExistsError(f"{root} exists and was not written by {GENERATOR}; not overwriting it")
     root.mkdir(parents=True, exist_ok=True)
 
 
-def generate(out: Path | str, kind: str, n: int, *, seed: int = 0, size: int = 128, category: str | None = None,
-             n_train: int | None = None, on_image: Callable[[Path], None] | None = None) -> Path:
+def generate(out: Path | str, kind: str, n: int, *, seed: int = 0, size: int = 128,
+             category: str | None = None, n_train: int | None = None,
+             on_image: Callable[[Path], None] | None = None) -> Path:
     """Write ``<out>/<category>`` in MVTec AD layout (texture, object) or MVTec LOCO AD layout (logical).
 
     ``n`` test images per defect type and of test/good; ``n_train`` good training images (default
@@ -418,8 +412,8 @@ def generate(out: Path | str, kind: str, n: int, *, seed: int = 0, size: int = 1
         raise ValueError("n and n_train must be at least 1")
     if seed < 0:
         raise ValueError("seed must be >= 0")
-    if not 32 <= size <= 4096:
-        raise ValueError(f"size must be between 32 and 4096 pixels, got {size}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
     category = category or f"synth_{kind}"
     if category in (".", "..") or category.startswith(".") or any(c in category for c in "/\\:"):
         raise ValueError(f"category {category!r} must be a plain folder name")
@@ -437,7 +431,8 @@ def generate(out: Path | str, kind: str, n: int, *, seed: int = 0, size: int = 1
             _save_png(r.image, path)
             if kind == "logical":
                 for j, m in enumerate(r.masks):  # LOCO: one file per affected region
-                    _save_png(m.astype(np.uint8) * 255, root / "ground_truth" / defect / stem / f"{j:03d}.png")
+                    mask_path = root / "ground_truth" / defect / stem / f"{j:03d}.png"
+                    _save_png(m.astype(np.uint8) * 255, mask_path)
                 if r.masks:
                     subtypes[f"{split}/{defect}/{stem}.png"] = r.subtype
             elif r.masks:

@@ -209,5 +209,6 @@ def main() -> None:
 
 # Admin commands register themselves on ``cli``; imported last because they import ``cli``.
 from orchestrator import cli_admin  # noqa: E402, F401
+from orchestrator import cli_data  # noqa: E402, F401
 
 from orchestrator import cli_eval  # noqa: E402, F401

@@ -15,12 +15,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.settings import Settings, get_settings
 from storage import repo
-from storage.db import session_factory
+from storage.db import ensure_schema, session_factory
 from storage.objects import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _engine = None
+_migrated: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,11 @@ class StageContext:
 
 def context() -> StageContext:
     s = get_settings()
-    return StageContext(s, session_factory(s.resolved_database_url), open_store(s))
+    url = s.resolved_database_url
+    if url.startswith("sqlite") and url not in _migrated:
+        ensure_schema(url)  # the embedded default creates its own database on first use
+        _migrated.add(url)
+    return StageContext(s, session_factory(url), open_store(s))
 
 
 def segment_engine(ctx: StageContext):  # -> workers.engine.SegmentEngine (torch import deferred)
