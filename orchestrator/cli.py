@@ -207,8 +207,5 @@ def main() -> None:
     cli(prog_name="inspect")
 
 
-# Admin commands register themselves on ``cli``; imported last because they import ``cli``.
-from orchestrator import cli_admin  # noqa: E402, F401
-from orchestrator import cli_data  # noqa: E402, F401
-
-from orchestrator import cli_eval  # noqa: E402, F401
+# Command groups register themselves on ``cli``; imported last because they import ``cli``.
+from orchestrator import cli_admin, cli_data, cli_eval  # noqa: E402, F401
