@@ -92,8 +92,23 @@ def run(n_frames: int, warmup: int) -> dict:
             conn.channel().queue_delete(queue)
 
 
+def s3_round_trip(store, n: int = 50) -> dict[str, float]:
+    """Latency of one small PUT and one GET on the same S3 server, for attributing overhead."""
+    blob = frames(1)[0]
+    put, get = [], []
+    for i in range(n):
+        t = time.perf_counter()
+        store.put_bytes(f"bench/rt-{i}", blob)
+        put.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        store.get_bytes(f"bench/rt-{i}")
+        get.append((time.perf_counter() - t) * 1000)
+    return {"put_p50": float(np.median(put)), "get_p50": float(np.median(get))}
+
+
 def measure(settings: Settings, n_frames: int, warmup: int) -> dict:
     orch = open_orchestrator(settings)
+    s3_rt = s3_round_trip(orch.store)
     data = frames(n_frames + warmup)
     latency, model, stages_ms, submits = [], [], [], []
     for i, frame in enumerate(tqdm(data, desc="frames", unit="frame")):
@@ -117,7 +132,7 @@ def measure(settings: Settings, n_frames: int, warmup: int) -> dict:
     overhead = [lat - m for lat, m in zip(latency, model, strict=True)]
     return {"frames": n_frames, "latency_ms": percentiles(latency), "model_ms": percentiles(model),
             "stage_bodies_ms": percentiles(stages_ms), "submit_ms": percentiles(submits),
-            "overhead_ms": percentiles(overhead)}
+            "overhead_ms": percentiles(overhead), "s3_ms": s3_rt}
 
 
 def main() -> None:
@@ -132,6 +147,9 @@ def main() -> None:
         print(f"{k:>16}: p50 {v['p50']:8.1f}  p95 {v['p95']:8.1f}  mean {v['mean']:8.1f}")
     print(f"queue-path overhead above model time: p50 {res['overhead_ms']['p50']:.1f} ms "
           f"(goal <= 10 ms), p95 {res['overhead_ms']['p95']:.1f} ms over {res['frames']} frames")
+    s3 = res["s3_ms"]
+    print(f"S3 server round trip (same run): PUT p50 {s3['put_p50']:.1f} ms, GET p50 {s3['get_p50']:.1f} ms; "
+          "a frame makes 2 PUTs + 1 GET in the worker and 1 PUT at submit")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2))
