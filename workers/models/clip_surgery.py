@@ -9,7 +9,7 @@ Pure torch: the CLIP model comes in already built; no I/O here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,11 @@ class DualPathFeatures:
     surgery: list[Tensor]  # n_stages x (B, 1 + P, E): CLS replaced, ln_post, projected
     original: list[Tensor]  # n_stages x (B, 1 + P, W): original-path tokens at each tap
     grid: tuple[int, int]  # patch grid (gh, gw), P = gh * gw
+    # Input tokens of the last block (B, 1 + P, W): CLIP-LAD's NACLIP block re-runs it.
+    penultimate: Tensor | None = None
+    # n_stages x (B, 1 + P, W): the true block outputs at each tap (no in-place quirk), so
+    # consumers such as CLIP-LAD see the same features whatever official_inplace_quirk is.
+    clean: list[Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class SDPOutput:
     cls_prob: Tensor  # (B,) softmax(100 * cls . T)[abnormal] on the last stage
     map_max: Tensor  # (B,) max of anomaly_map
     stage_maps: Tensor  # (S, B, gh, gw) per-stage abnormal surgery similarity on the patch grid
+    features: DualPathFeatures | None = None  # the backbone pass, when asked for (shared with CLIP-LAD)
 
 
 class StagedDualPathViT(nn.Module):
@@ -103,9 +109,13 @@ class StagedDualPathViT(nn.Module):
         blocks = self.visual.transformer.resblocks
         surgery: list[Tensor] = []
         original: list[Tensor] = []
+        clean: list[Tensor] = []
+        penultimate: Tensor | None = None
         acc: Tensor | None = None
         pending: Tensor | None = None  # tap output waiting for the next block's attention
         for i, block in enumerate(blocks):
+            if i == len(blocks) - 1:
+                penultimate = x  # x is rebound below, never modified in place
             ori_res, vv_res = self._attention(block, x)
             h = x + ori_res
             if pending is not None:
@@ -115,6 +125,7 @@ class StagedDualPathViT(nn.Module):
             x = h + block.ls_2(block.mlp(block.ln_2(h)))
             if (i + 1) % self.stage_len == 0:
                 surgery.append(acc)
+                clean.append(x)
                 if i + 1 == len(blocks):
                     original.append(x)
                 else:
@@ -123,7 +134,8 @@ class StagedDualPathViT(nn.Module):
         for acc_s, ori_s in zip(surgery, original, strict=True):
             tokens = torch.cat([ori_s[:, :1], acc_s[:, 1:]], dim=1)  # CLS from the original path
             out_surgery.append(self._project(tokens))
-        return DualPathFeatures(surgery=out_surgery, original=original, grid=self.grid)
+        return DualPathFeatures(surgery=out_surgery, original=original, grid=self.grid,
+                                penultimate=penultimate, clean=clean)
 
 
 def feature_surgery(tokens: Tensor, text: Tensor, temperature: float = 1.0) -> Tensor:
@@ -185,8 +197,12 @@ class SDP(nn.Module):
         size = self.encoder.visual.image_size
         return (int(size[0]), int(size[1])) if isinstance(size, tuple | list) else (size, size)
 
-    def forward(self, images: Tensor, text: Tensor) -> SDPOutput:
-        """images (B, 3, H, W) normalised; text (E, 2) or (B, E, 2) L2-normalised per column."""
+    def forward(self, images: Tensor, text: Tensor, *, return_features: bool = False) -> SDPOutput:
+        """images (B, 3, H, W) normalised; text (E, 2) or (B, E, 2) L2-normalised per column.
+
+        return_features=True also returns the backbone pass (``SDPOutput.features``) so a
+        worker can feed it to CLIP-LAD's ``encode_from`` instead of running the ViT twice.
+        """
         feats = self.encoder(images)
         b = images.shape[0]
         text_b = text.unsqueeze(0).expand(b, -1, -1) if text.dim() == 2 else text  # (B, E, 2)
@@ -205,5 +221,6 @@ class SDP(nn.Module):
         logits = 100.0 * torch.einsum("be,bek->bk", cls, text_b)  # (B, 2)
         cls_prob = logits.softmax(dim=-1)[:, ABNORMAL]
         map_max = anomaly_map.flatten(1).amax(dim=1)
-        return SDPOutput(anomaly_map, cls_prob, map_max, stage_maps)
+        return SDPOutput(anomaly_map, cls_prob, map_max, stage_maps,
+                         features=feats if return_features else None)
 
