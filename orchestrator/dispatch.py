@@ -12,13 +12,15 @@ from typing import Protocol
 from celery import chain
 
 from common.settings import Settings
-from orchestrator.planner import fold_finalize
+from orchestrator.planner import plan_messages
 
 log = logging.getLogger(__name__)
 
 
 class Dispatcher(Protocol):
     def send(self, inspection_id: str, stages: list[str]) -> None: ...
+
+    def send_bank(self, bank_id: int) -> None: ...
 
 
 class QueueDispatcher:
@@ -32,8 +34,9 @@ class QueueDispatcher:
 
     def send(self, inspection_id: str, stages: list[str]) -> None:
         sigs = [
-            self.app.signature(self.names[st], kwargs={"finalize": fin}, queue=self.settings.queue_for(st))
-            for st, fin in fold_finalize(stages)
+            self.app.signature(self.names[m.stage], queue=m.queue,
+                               kwargs={"finalize": m.finalize, "with_stages": list(m.with_stages)})
+            for m in plan_messages(stages, self.settings.queue_for)
         ]
         sigs[0] = sigs[0].clone(args=(inspection_id,))
         try:
@@ -45,6 +48,10 @@ class QueueDispatcher:
             raise
 
 
+    def send_bank(self, bank_id: int) -> None:
+        self.app.send_task(self.names["bank"], args=(bank_id,), queue=self.settings.queue_for("bank"))
+
+
 class InlineDispatcher:
     """Runs the stages in this process (embedded default: no broker)."""
 
@@ -53,9 +60,20 @@ class InlineDispatcher:
         from workers.runtime import context
 
         ctx = context()
-        for st, fin in fold_finalize(stages):
-            if not stage_mod.execute(st, inspection_id, ctx, finalize=fin):
+        for m in plan_messages(stages, lambda _stage: "inline"):
+            if not stage_mod.execute(m.stage, inspection_id, ctx, m.finalize, m.with_stages):
                 break
+
+
+    def send_bank(self, bank_id: int) -> None:
+        from workers.banks import build_bank, record_bank_failure
+        from workers.runtime import context
+
+        ctx = context()
+        try:
+            build_bank(bank_id, ctx)
+        except Exception as exc:  # recorded on the bank row, like the queued task does
+            record_bank_failure(ctx, bank_id, f"{type(exc).__name__}: {exc}")
 
 
 def make_dispatcher(settings: Settings, on_error=None) -> Dispatcher:

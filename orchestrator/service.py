@@ -16,7 +16,7 @@ from common.settings import Settings
 from orchestrator.dispatch import Dispatcher
 from orchestrator.planner import plan_stages
 from prompts import load_prompt_file
-from storage import keys, repo
+from storage import bank_repo, keys, repo
 from storage.objects import ObjectStore
 from storage.orm import Category, Inspection, InspectionStatus
 
@@ -82,7 +82,8 @@ class Intake:
                 height=frame.height,
                 source=source,
             )
-            stages = plan_stages(cat.pipeline)
+            has_bank = bank_repo.active_bank(session, cat.id, insp.line_id) is not None
+            stages = plan_stages(cat.pipeline, has_bank)
             result = Submitted(insp.id, insp.frame_id, created, registered)
         if created:  # only after commit: a worker must find the row
             self.dispatcher.send(result.inspection_id, stages)

@@ -204,8 +204,53 @@ class Result(Base):
     prompt_set_version: Mapped[int | None] = mapped_column(Integer)
     anomaly_map_key: Mapped[str | None] = mapped_column(String(512))
     overlay_key: Mapped[str | None] = mapped_column(String(512))
+    bank_id: Mapped[int | None] = mapped_column(ForeignKey("memory_banks.id", ondelete="SET NULL"))
+    bank_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), server_default=func.now(), index=True
     )
 
     inspection: Mapped[Inspection] = relationship(back_populates="result")
+
+
+class BankStatus(enum.StrEnum):
+    building = "building"
+    ready = "ready"
+    failed = "failed"
+
+
+class MemoryBank(Base):
+    """A CLIP-LAD memory bank: versioned per (line, category); line null = every line.
+
+    The tensors (k-means centroids, histogram bank, patch bank, Mahalanobis statistics) live in
+    the object store as one safetensors file; this row indexes and describes them.
+    """
+
+    __tablename__ = "memory_banks"
+    __table_args__ = (UniqueConstraint("category_id", "line_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category_id: Mapped[int] = mapped_column(ForeignKey("categories.id", ondelete="CASCADE"), index=True)
+    line_id: Mapped[int | None] = mapped_column(ForeignKey("lines.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[BankStatus] = mapped_column(_enum(BankStatus, "bank_status"), default=BankStatus.building)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    # Inputs: {"train": [image keys], "validation": [image keys], "shots": k, "config": {...}}
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prompt_set_id: Mapped[int | None] = mapped_column(ForeignKey("prompt_sets.id", ondelete="SET NULL"))
+    object_key: Mapped[str | None] = mapped_column(String(512))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Outputs: Mahalanobis mean/cov, validation score summaries, patch counts, timings.
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    weights_ref: Mapped[str | None] = mapped_column(String(512))
+    random_weights: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    category: Mapped[Category] = relationship()
+    line: Mapped[Line | None] = relationship()
+    prompt_set: Mapped[PromptSet | None] = relationship()

@@ -13,7 +13,12 @@ from kombu import Exchange, Queue
 from common.settings import Settings, get_settings
 
 EXCHANGE = Exchange("inspect", type="direct", durable=True)
-TASK_NAMES = {"segment": "inspect.segment", "finalize": "inspect.finalize"}
+TASK_NAMES = {
+    "segment": "inspect.segment",
+    "logical": "inspect.logical",
+    "finalize": "inspect.finalize",
+    "bank": "inspect.bank_build",
+}
 
 
 def queues_for(settings: Settings) -> list[Queue]:

@@ -117,3 +117,12 @@ class SegmentEngine:
             FramePrediction(maps[i], float(out.cls_prob[i]), float(out.map_max[i]))
             for i in range(len(rgbs))
         ]
+
+    @torch.no_grad()
+    def predict_with_features(self, rgb: np.ndarray, text: Tensor, keep: bool):
+        """One frame; with ``keep`` also the dual-path features other stages reuse (one pass)."""
+        batch = preprocess(rgb, self.image_size).unsqueeze(0).to(self.device)  # (1, 3, H, W)
+        out = self.sdp(batch, text.unsqueeze(0).to(self.device), return_features=keep)
+        pred = FramePrediction(out.anomaly_map[0].float().cpu().numpy(), float(out.cls_prob[0]),
+                               float(out.map_max[0]))
+        return pred, out.features

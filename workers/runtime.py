@@ -7,6 +7,7 @@ loads inside the first task that needs it and stays for the life of the process.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from storage.objects import ObjectStore, open_store
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _engine = None
+_lad = None
+WORKER = socket.gethostname()
 _migrated: set[str] = set()
 
 
@@ -49,10 +52,22 @@ def segment_engine(ctx: StageContext):  # -> workers.engine.SegmentEngine (torch
         return _engine
 
 
+def lad_engine(ctx: StageContext):  # -> workers.lad_engine.LADEngine, on the segment engine's CLIP
+    global _lad
+    seg = segment_engine(ctx)
+    with _lock:
+        if _lad is None or _lad.seg is not seg:
+            from workers.lad_engine import LADEngine
+
+            _lad = LADEngine(seg)
+        return _lad
+
+
 def reset_engine() -> None:
-    global _engine
+    global _engine, _lad
     with _lock:
         _engine = None
+        _lad = None
 
 
 def _build_engine(ctx: StageContext):

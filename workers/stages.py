@@ -1,15 +1,15 @@
-"""Stage bodies shared by the Celery tasks and the embedded in-process runner.
+"""Frame stage bodies shared by the Celery tasks and the embedded in-process runner.
 
-Each stage: inspection id in, one read, one compute, one idempotent write, id out. A stage
-that cannot succeed raises ``StageFailed`` with an operator-readable reason; the caller
-records it on the stage run and the inspection. Transient infrastructure errors propagate
-so Celery can retry them.
+A task runs one stage, or several stages that share a queue (segment + logical), for one
+inspection: id in, one read, one compute (one backbone pass when stages share it), one
+idempotent write, id out. A stage that cannot succeed raises ``StageFailed`` with an
+operator-readable reason; the caller records it. Transient infrastructure errors propagate so
+Celery can retry them.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,40 +19,28 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from common.images import ImageError, decode_image
-from storage import keys, repo
+from storage import bank_repo, keys, repo
 from storage.objects import ObjectNotFound, ObjectStoreUnavailable
 from storage.orm import InspectionStatus, StageStatus
-from workers import scoring
-from workers.runtime import StageContext, segment_engine
+from workers.finalize import StageFailed, finalize_in, record_failure, run_finalize
+from workers.runtime import WORKER, StageContext, lad_engine, segment_engine
 
 log = logging.getLogger(__name__)
-TRANSIENT = (OperationalError, ObjectStoreUnavailable, ConnectionError, TimeoutError)
-WORKER = socket.gethostname()
 _io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io")
+TRANSIENT = (OperationalError, ObjectStoreUnavailable, ConnectionError, TimeoutError)
 
-
-class StageFailed(Exception):
-    """The stage cannot produce a result for this frame; the reason is recorded."""
+__all__ = ["StageFailed", "record_failure", "run_stages", "execute", "STAGES"]
 
 
 @dataclass(frozen=True)
-class SegmentInput:
+class FrameInput:
     image_key: str
     category: str
     prompt_set_id: int
     prompt_set_version: int
     prompt: dict[str, Any]  # sha256, content, rvs_method, rvs_params
     score_norm: dict[str, Any] | None
-
-
-def record_failure(ctx: StageContext, inspection_id: str, stage: str, reason: str) -> None:
-    reason = reason[:2000]
-    with ctx.sessions.begin() as s:
-        if repo.get_inspection(s, inspection_id) is None:
-            log.error("stage %s for unknown inspection %s: %s", stage, inspection_id, reason)
-            return
-        repo.upsert_stage_run(s, inspection_id, stage, status=StageStatus.failed, error=reason, worker=WORKER)
-        repo.mark_inspection(s, inspection_id, InspectionStatus.failed, reason=f"{stage}: {reason}")
+    bank: dict[str, Any] | None  # id, version, object_key, content, config (logical stage)
 
 
 def _relaxed_commit(s) -> None:
@@ -62,8 +50,17 @@ def _relaxed_commit(s) -> None:
         s.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
-def _start(ctx: StageContext, inspection_id: str, stage: str) -> SegmentInput | None:
-    """Mark the stage running and read its input; None when there is nothing left to do."""
+def _bank_input(s, insp) -> dict[str, Any]:
+    bank = bank_repo.active_bank(s, insp.category_id, insp.line_id)
+    if bank is None:
+        raise StageFailed(f"category {insp.category.name!r} has no active memory bank for line {insp.line.name}")
+    ps = bank.prompt_set
+    return {"id": bank.id, "version": bank.version, "object_key": bank.object_key,
+            "content": ps.content if ps else bank.spec["content"], "config": bank.spec.get("config", {})}
+
+
+def _start(ctx: StageContext, inspection_id: str, stages: list[str]) -> tuple[FrameInput, list[str]] | None:
+    """Mark the stages running and read their input; None when nothing is left to do."""
     with ctx.sessions.begin() as s:
         _relaxed_commit(s)
         insp = repo.get_inspection_for_stage(s, inspection_id)
@@ -71,76 +68,99 @@ def _start(ctx: StageContext, inspection_id: str, stage: str) -> SegmentInput | 
             raise StageFailed(f"no inspection {inspection_id}")
         if insp.status in (InspectionStatus.done, InspectionStatus.failed):
             return None  # a redelivered message after the terminal write
-        run = next((r for r in insp.stage_runs if r.stage == stage), None)
-        if run is not None and run.status == StageStatus.done:
-            return None
+        done = {r.stage for r in insp.stage_runs if r.status == StageStatus.done}
+        todo = [st for st in stages if st not in done]
         cat = insp.category
         ps = cat.active_prompt_set
         if ps is None:
             raise StageFailed(f"category {cat.name!r} has no active prompt set")
+        bank = _bank_input(s, insp) if "logical" in todo else None
         repo.mark_inspection(s, inspection_id, InspectionStatus.running, locked=insp)
-        repo.upsert_stage_run(s, inspection_id, stage, status=StageStatus.running, worker=WORKER)
-        prompt = {
-            "sha256": ps.sha256,
-            "content": ps.content,
-            "rvs_method": ps.rvs_method,
-            "rvs_params": ps.rvs_params or {},
-        }
-        return SegmentInput(insp.image_key, cat.name, ps.id, ps.version, prompt, cat.score_norm)
+        for st in todo:
+            repo.upsert_stage_run(s, inspection_id, st, status=StageStatus.running, worker=WORKER)
+        prompt = {"sha256": ps.sha256, "content": ps.content, "rvs_method": ps.rvs_method,
+                  "rvs_params": ps.rvs_params or {}}
+        inp = FrameInput(insp.image_key, cat.name, ps.id, ps.version, prompt, cat.score_norm, bank)
+        return inp, todo
 
 
-def run_segment(inspection_id: str, ctx: StageContext, finalize: bool = False) -> str:
-    """SDP anomaly map and score terms for one frame; map and overlay go to the object store.
-
-    With ``finalize`` the verdict is written in the same transaction as the stage output,
-    saving a broker round trip and a commit per frame when segment is the last stage.
-    """
-    t0 = time.perf_counter()
-    inp = _start(ctx, inspection_id, "segment")
-    if inp is None:
-        return inspection_id
+def _frame(ctx: StageContext, inp: FrameInput):
     try:
         data = ctx.store.get_bytes(inp.image_key)
     except ObjectNotFound as exc:
         raise StageFailed(f"image object {inp.image_key} is missing") from exc
     try:
-        frame = decode_image(data, max_pixels=ctx.settings.max_image_pixels)
+        return decode_image(data, max_pixels=ctx.settings.max_image_pixels)
     except ImageError as exc:
         raise StageFailed(f"image cannot be decoded: {exc}") from exc
 
-    from workers.engine import PromptSpec  # torch stays out of processes that never segment
 
-    engine = segment_engine(ctx)
-    spec = PromptSpec(class_name=inp.category, **inp.prompt)
-    text = engine.text_features(spec, ctx.store)
-    t_model = time.perf_counter()
-    pred = engine.predict([frame.rgb], [text])[0]
-    model_ms = (time.perf_counter() - t_model) * 1000
-    map_key, overlay_key = _write_pictures(ctx, inspection_id, frame.rgb, pred, inp, engine)
-    output = {
-        "cls_prob": pred.cls_prob,
-        "map_max": pred.map_max,
-        "anomaly_map_key": map_key,
-        "overlay_key": overlay_key,
-        "model_name": engine.clip.arch,
-        "weights_ref": engine.clip.weights_ref,
-        "random_weights": engine.clip.random_weights,
-        "prompt_set_id": inp.prompt_set_id,
-        "prompt_set_version": inp.prompt_set_version,
-        "map_shape": list(pred.anomaly_map.shape),
-        "model_ms": model_ms,
-    }
+def run_stages(inspection_id: str, ctx: StageContext, stages: list[str], finalize: bool = False) -> str:
+    """Run frame stages in one process; segment and logical share one backbone pass."""
+    t0 = time.perf_counter()
+    started = _start(ctx, inspection_id, stages)
+    if started is None:
+        return inspection_id
+    inp, todo = started
+    outputs: dict[str, dict[str, Any]] = {}
+    if todo:
+        frame = _frame(ctx, inp)
+        outputs = _compute(ctx, inspection_id, inp, todo, frame.rgb)
     ms = (time.perf_counter() - t0) * 1000
     with ctx.sessions.begin() as s:
-        repo.upsert_stage_run(
-            s, inspection_id, "segment", status=StageStatus.done, duration_ms=ms, output=output, worker=WORKER
-        )
+        for st, out in outputs.items():
+            repo.upsert_stage_run(s, inspection_id, st, status=StageStatus.done,
+                                  duration_ms=out.pop("_ms", ms), output=out, worker=WORKER)
         if finalize:
-            _finalize(s, repo.get_inspection_for_stage(s, inspection_id), output, time.perf_counter())
+            finalize_in(s, repo.get_inspection_for_stage(s, inspection_id), time.perf_counter())
     return inspection_id
 
 
-def _write_pictures(ctx, inspection_id, rgb, pred, inp: SegmentInput, engine) -> tuple[str, str]:
+def _compute(ctx, inspection_id: str, inp: FrameInput, todo: list[str], rgb) -> dict[str, dict[str, Any]]:
+    from workers.engine import PromptSpec  # torch stays out of processes that never compute
+
+    engine = segment_engine(ctx)
+    outputs: dict[str, dict[str, Any]] = {}
+    features = None
+    if "segment" in todo:
+        t = time.perf_counter()
+        text_feats = engine.text_features(PromptSpec(class_name=inp.category, **inp.prompt), ctx.store)
+        t_model = time.perf_counter()
+        pred, features = engine.predict_with_features(rgb, text_feats, keep=("logical" in todo))
+        model_ms = (time.perf_counter() - t_model) * 1000
+        map_key, overlay_key = _write_pictures(ctx, inspection_id, rgb, pred, inp, engine)
+        outputs["segment"] = {
+            "cls_prob": pred.cls_prob, "map_max": pred.map_max, "anomaly_map_key": map_key,
+            "overlay_key": overlay_key, "model_name": engine.clip.arch,
+            "weights_ref": engine.clip.weights_ref, "random_weights": engine.clip.random_weights,
+            "prompt_set_id": inp.prompt_set_id, "prompt_set_version": inp.prompt_set_version,
+            "map_shape": list(pred.anomaly_map.shape), "model_ms": model_ms,
+            "_ms": (time.perf_counter() - t) * 1000,
+        }
+    if "logical" in todo:
+        t = time.perf_counter()
+        outputs["logical"] = _logical(ctx, inp, rgb, features) | {
+            "shared_backbone": features is not None, "model_name": engine.clip.arch,
+            "weights_ref": engine.clip.weights_ref, "random_weights": engine.clip.random_weights,
+            "_ms": (time.perf_counter() - t) * 1000,
+        }
+    return outputs
+
+
+def _logical(ctx, inp: FrameInput, rgb, features) -> dict[str, Any]:
+    from workers.lad_engine import lad_config
+
+    lad = lad_engine(ctx)
+    b = inp.bank
+    cfg = lad_config(b["content"], b["config"])
+    bank = lad.bank(b["id"], lambda: ctx.store.get_bytes(b["object_key"]), cfg, b["content"])
+    model = lad.model(cfg)
+    feats = model.encode_from(features) if features is not None else lad.encode(model, [rgb])
+    out = lad.score(bank, feats)[0]
+    return out | {"bank_id": b["id"], "bank_version": b["version"]}
+
+
+def _write_pictures(ctx, inspection_id, rgb, pred, inp: FrameInput, engine) -> tuple[str, str]:
     from workers.imaging import map_to_npy, render_overlay
 
     map_key = keys.anomaly_map_key(inspection_id)
@@ -160,61 +180,30 @@ def _write_pictures(ctx, inspection_id, rgb, pred, inp: SegmentInput, engine) ->
     return map_key, overlay_key
 
 
-def run_finalize(inspection_id: str, ctx: StageContext, finalize: bool = True) -> str:
-    """Threshold -> verdict, result row, inspection done; one transaction, safe to repeat.
-
-    ``finalize`` is accepted for a uniform stage signature; this stage always finalizes.
-    """
-    t0 = time.perf_counter()
-    with ctx.sessions.begin() as s:
-        insp = repo.get_inspection_for_stage(s, inspection_id)
-        if insp is None:
-            raise StageFailed(f"no inspection {inspection_id}")
-        if insp.status in (InspectionStatus.done, InspectionStatus.failed):
-            return inspection_id
-        seg = next((r for r in insp.stage_runs if r.stage == "segment"), None)
-        if seg is None or seg.status != StageStatus.done or not seg.output:
-            raise StageFailed("segment stage has not produced an output")
-        _finalize(s, insp, seg.output, t0)
-    return inspection_id
+def run_segment(inspection_id: str, ctx: StageContext, finalize: bool = False,
+                with_stages: tuple[str, ...] = ()) -> str:
+    """SDP (plus stages folded into the same task, e.g. logical) for one frame."""
+    return run_stages(inspection_id, ctx, ["segment", *with_stages], finalize)
 
 
-def _finalize(s, insp, out: dict[str, Any], t0: float) -> None:
-    """Verdict from the category's current threshold and score statistics (data, not code)."""
-    inspection_id = insp.id
-    if insp.status in (InspectionStatus.done, InspectionStatus.failed):
-        return
-    cat = insp.category
-    score = scoring.image_score(out["cls_prob"], out["map_max"], cat.score_norm)
-    repo.upsert_result(
-        s,
-        inspection_id,
-        image_score=score,
-        verdict=scoring.verdict(score, cat.threshold),
-        threshold=cat.threshold,
-        scores={"cls_prob": out["cls_prob"], "map_max": out["map_max"], "norm": cat.score_norm},
-        model_name=out["model_name"],
-        weights_ref=out["weights_ref"],
-        random_weights=out["random_weights"],
-        prompt_set_id=out["prompt_set_id"],
-        prompt_set_version=out["prompt_set_version"],
-        anomaly_map_key=out["anomaly_map_key"],
-        overlay_key=out["overlay_key"],
-    )
-    ms = (time.perf_counter() - t0) * 1000
-    repo.upsert_stage_run(
-        s, inspection_id, "finalize", status=StageStatus.done, duration_ms=ms, worker=WORKER
-    )
-    repo.mark_inspection(s, inspection_id, InspectionStatus.done, locked=insp)
+def run_logical(inspection_id: str, ctx: StageContext, finalize: bool = False,
+                with_stages: tuple[str, ...] = ()) -> str:
+    return run_stages(inspection_id, ctx, ["logical", *with_stages], finalize)
 
 
-STAGES = {"segment": run_segment, "finalize": run_finalize}
+def _run_finalize(inspection_id: str, ctx: StageContext, finalize: bool = True,
+                  with_stages: tuple[str, ...] = ()) -> str:
+    return run_finalize(inspection_id, ctx)
 
 
-def execute(stage: str, inspection_id: str, ctx: StageContext, finalize: bool = False) -> bool:
-    """Run one stage with failure recording (no retries); False when the chain must stop."""
+STAGES = {"segment": run_segment, "logical": run_logical, "finalize": _run_finalize}
+
+
+def execute(stage: str, inspection_id: str, ctx: StageContext, finalize: bool = False,
+            with_stages: tuple[str, ...] = ()) -> bool:
+    """Run one task's stages with failure recording (no retries); False when the chain must stop."""
     try:
-        STAGES[stage](inspection_id, ctx, finalize=finalize)
+        STAGES[stage](inspection_id, ctx, finalize=finalize, with_stages=tuple(with_stages))
     except StageFailed as exc:
         record_failure(ctx, inspection_id, stage, str(exc))
         return False

@@ -17,6 +17,7 @@ TABLES = {
     "categories",
     "inspections",
     "lines",
+    "memory_banks",
     "model_weights",
     "prompt_sets",
     "results",
