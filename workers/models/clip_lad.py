@@ -177,7 +177,7 @@ class LADMemory:
     n_fine: int  # Kf, the fine vocabulary size the histograms were built with
 
     def tensors(self) -> dict[str, Tensor]:
-        """Flat name -> tensor dict (contiguous, detached) for safetensors."""
+        """Flat name -> tensor dict (detached, contiguous, CPU) for safetensors."""
         out = {
             "centroids": self.centroids,
             "histograms": self.histograms,
@@ -185,7 +185,7 @@ class LADMemory:
         }
         for i, level in enumerate(self.patch_bank):
             out[f"patch_bank.{i}"] = level
-        return {k: v.detach().contiguous() for k, v in out.items()}
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, d: dict[str, Tensor]) -> LADMemory:
@@ -219,7 +219,7 @@ class MahalanobisStats:
     cov_inv: Tensor  # (2, 2) float64: inverse of the ridge-regularised covariance
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"mean": self.mean.contiguous(), "cov_inv": self.cov_inv.contiguous()}
+        return {"mean": self.mean.detach().cpu().contiguous(), "cov_inv": self.cov_inv.detach().cpu().contiguous()}
 
     @classmethod
     def from_tensors(cls, d: dict[str, Tensor]) -> MahalanobisStats:
@@ -308,23 +308,27 @@ def neighbourhood_bias(
     0: NACLIP gives the CLS token no spatial prior. Returns (1 + P, 1 + P) or (P, P).
     """
     gh, gw = grid
-    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")  # (gh, gw) each
-    coords = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()  # (P, 2)
-    d2 = (coords[:, None] - coords[None]).pow(2).sum(-1)  # (P, P)
+    ys, xs = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
+                            indexing="ij")  # (gh, gw) each
+    ys, xs = ys.flatten().float(), xs.flatten().float()  # (P,) row-major, the token order
+    # integer squared distances are exact in float32 for any realistic grid
+    d2 = (ys[:, None] - ys[None]).square() + (xs[:, None] - xs[None]).square()  # (P, P)
     bias = torch.exp(-d2 / (2.0 * sigma**2))
     if with_cls:
         bias = F.pad(bias, (1, 0, 1, 0))  # (1 + P, 1 + P), zero CLS row and column
-    return bias.to(device=device, dtype=dtype)
+    return bias.to(dtype)
 
 
-def naclip_attention(block: nn.Module, tokens: Tensor, grid: tuple[int, int], sigma: float) -> Tensor:
+def naclip_attention(block: nn.Module, tokens: Tensor, grid: tuple[int, int], sigma: float,
+                     bias: Tensor | None = None) -> Tensor:
     """NACLIP's reduced last block: attention branch only, key-key logits plus neighbourhood bias.
 
     tokens (B, 1 + P, W) with the CLS first; grid the patch grid of those tokens. Uses the
     block's ln_1 and in/out projections; softmax(k k^T / sqrt(d) + bias) v per head. No residual
-    and no MLP: NACLIP drops both because they carry the CLS-oriented global information that
-    blurs dense predictions. ls_1 (the attention branch's layer scale, Identity in CLIP) is kept
-    so the branch equals the block's own attention branch. Returns (B, 1 + P, W).
+    and no MLP: NACLIP's "reduced" last block, which it found to give cleaner dense
+    predictions than the full block. ls_1 (the attention branch's layer scale, Identity in CLIP) is kept
+    so the branch equals the block's own attention branch. ``bias`` may pass a cached
+    ``neighbourhood_bias(grid, sigma)``. Returns (B, 1 + P, W).
     """
     attn: nn.MultiheadAttention = block.attn
     b, n, w = tokens.shape
@@ -333,7 +337,8 @@ def naclip_attention(block: nn.Module, tokens: Tensor, grid: tuple[int, int], si
     qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3W)
     qkv = qkv.view(b, n, 3, heads, w // heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
     _, k, v = qkv.unbind(0)
-    bias = neighbourhood_bias(grid, sigma, device=tokens.device, dtype=tokens.dtype)  # (N, N)
+    if bias is None:
+        bias = neighbourhood_bias(grid, sigma, device=tokens.device, dtype=tokens.dtype)  # (N, N)
     # SDPA with query = key computes softmax(k k^T * d^-0.5 + bias) v without storing the
     # (B, heads, N, N) logits on backends with float-mask support (N ~ 4097 for ViT-L at 448).
     out = F.scaled_dot_product_attention(k, k, v, attn_mask=bias)  # (B, heads, N, d)
@@ -433,6 +438,15 @@ class CLIPLAD(nn.Module):
             if not 0 <= s < n_stages:
                 raise ValueError(f"stage {s} outside the {n_stages} stages")
         self.cfg = cfg
+        # (1 + P2)^2 bias per (grid, device, dtype): 67 MB for ViT-L/14 at 448 px, built once
+        self._bias_cache: dict[tuple[tuple[int, int], str, torch.dtype], Tensor] = {}
+
+    def _bias(self, grid: tuple[int, int], like: Tensor) -> Tensor:
+        key = (grid, str(like.device), like.dtype)
+        if key not in self._bias_cache:
+            self._bias_cache[key] = neighbourhood_bias(grid, self.cfg.naclip_sigma, device=like.device,
+                                                       dtype=like.dtype)
+        return self._bias_cache[key]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -472,7 +486,8 @@ class CLIPLAD(nn.Module):
             fmap = F.interpolate(fmap, size=(fgh, fgw), mode="bilinear", align_corners=False)
         up = torch.cat([pen[:, :1], fmap.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + P2, W)
         block = visual.transformer.resblocks[-1]
-        out = naclip_attention(block, up, (fgh, fgw), cfg.naclip_sigma)  # (B, 1 + P2, W)
+        out = naclip_attention(block, up, (fgh, fgw), cfg.naclip_sigma,
+                               self._bias((fgh, fgw), up))  # (B, 1 + P2, W)
         fine = F.normalize(self._project(out[:, 1:]), dim=-1)  # (B, P2, E)
         return LADFeatures(shallow=shallow, last=last, fine=fine, patches=patches,
                            grid=(gh, gw), fine_grid=(fgh, fgw))
