@@ -125,3 +125,38 @@ def test_routed_stage_queue_and_bad_frame(tmp_path, broker, pg_module_url, s3_se
     assert "truncated.png" in res.stderr and "corrupt or truncated" in res.stderr
     assert "\tOK\t" in res.stdout or "\tNG\t" in res.stdout
     assert f"{q}.segment" in log  # the worker consumed the routed queue
+
+
+def test_bank_build_and_logical_stage_through_the_queue(tmp_path, broker, pg_module_url, s3_server, s3_credentials):
+    from evaluation.synth import generate
+
+    root = generate(tmp_path / "loco", "logical", n=1, seed=1, size=64, n_train=4)
+    q = f"gpu-e2e-{uuid.uuid4().hex[:6]}"
+    env = _env(tmp_path, pg_module_url, s3_server, s3_credentials, f"e2e-{uuid.uuid4().hex[:10]}",
+               INSPECT_DEFAULT_QUEUE=q)
+    worker = _start_worker(env, q, tmp_path / "worker.log")
+    try:
+        built = subprocess.run([_bin("inspect"), "bank", "build", "--category", "synth_logical", "--line", "5",
+                                "--images", str(root / "train" / "good")],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        frames = [*sorted((root / "test" / "good").glob("*.png"))[:1],
+                  *sorted((root / "test" / "logical_anomalies").glob("*.png"))[:1]]
+        res = _submit(env, "--line", "5", "--category", "synth_logical", "--wait", "--timeout", "240",
+                      *map(str, frames))
+    finally:
+        _stop(worker)
+        with Connection(BROKER) as conn:
+            conn.channel().queue_delete(q)
+    log = (tmp_path / "worker.log").read_text()
+    assert built.returncode == 0, f"{built.stdout}\n{built.stderr}\n{log[-3000:]}"
+    assert "inspect.bank_build" in log and "ready" in built.stdout
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{log[-3000:]}"
+    with session_factory(pg_module_url)() as s:
+        found = repo.list_results(s, line="5")
+        assert len(found) == 2
+        for insp, result in found:
+            assert result.bank_id is not None and result.bank_version == 1
+            assert {"logical", "structural", "fused"} <= set(result.scores)
+            runs = {st.stage: st for st in insp.stage_runs}
+            assert set(runs) == {"segment", "logical", "finalize"}
+            assert runs["logical"].output["shared_backbone"] is True  # one message, one backbone pass
