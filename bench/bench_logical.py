@@ -88,11 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- 1. per frame
 
 
-def bench_frame(arch: str, content: dict[str, Any], warmup: int, iters: int) -> dict[str, Any]:
+def bench_frame(arch: str, content: dict[str, Any], cfg: LADConfig, warmup: int, iters: int) -> dict[str, Any]:
     """The six per-frame variants on one model, timed interleaved at batch 1."""
     clip = load_clip(arch, "random")
     model = clip.model
-    cfg = lad_config(content)
     sdp = SDP(model.visual).eval()
     lad = CLIPLAD(model.visual, cfg).eval()
     h, w = sdp.image_size
@@ -378,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     content = load_lad_vocabulary(args.category)["content"]
     cfg = lad_config(content, {"nn_chunk": args.chunk})
-    report["frame"] = bench_frame(args.arch, content, args.warmup, args.iters)
+    report["frame"] = bench_frame(args.arch, content, cfg, args.warmup, args.iters)
     print(f"per-frame part done in {time.perf_counter() - t0:.0f} s; bank tables next", file=sys.stderr)
     n_fine = report["frame"]["vocabulary"]["fine"]
     report["banks"] = [bench_bank(backbone(name, size), cfg, n_fine, args.shots, args.chunk,

@@ -15,7 +15,9 @@ from storage.db import alembic_config, ensure_schema
 TABLES = {
     "alembic_version",
     "categories",
+    "detections",
     "inspections",
+    "jobs",
     "lines",
     "memory_banks",
     "model_weights",
