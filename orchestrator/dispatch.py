@@ -22,6 +22,8 @@ class Dispatcher(Protocol):
 
     def send_bank(self, bank_id: int) -> None: ...
 
+    def send_job(self, job_id: str, kind: str) -> None: ...
+
 
 class QueueDispatcher:
     def __init__(self, settings: Settings, on_error=None):
@@ -51,6 +53,9 @@ class QueueDispatcher:
     def send_bank(self, bank_id: int) -> None:
         self.app.send_task(self.names["bank"], args=(bank_id,), queue=self.settings.queue_for("bank"))
 
+    def send_job(self, job_id: str, kind: str) -> None:
+        self.app.send_task(self.names[kind], args=(job_id,), queue=self.settings.queue_for(kind))
+
 
 class InlineDispatcher:
     """Runs the stages in this process (embedded default: no broker)."""
@@ -74,6 +79,13 @@ class InlineDispatcher:
             build_bank(bank_id, ctx)
         except Exception as exc:  # recorded on the bank row, like the queued task does
             record_bank_failure(ctx, bank_id, f"{type(exc).__name__}: {exc}")
+
+
+    def send_job(self, job_id: str, kind: str) -> None:
+        from workers.jobs import run_job_inline
+        from workers.runtime import context
+
+        run_job_inline(kind, job_id, context())
 
 
 def make_dispatcher(settings: Settings, on_error=None) -> Dispatcher:

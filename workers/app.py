@@ -18,6 +18,8 @@ TASK_NAMES = {
     "logical": "inspect.logical",
     "finalize": "inspect.finalize",
     "bank": "inspect.bank_build",
+    "describe": "inspect.describe",
+    "localize": "inspect.localize",
 }
 
 

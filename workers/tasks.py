@@ -18,10 +18,11 @@ from workers.runtime import context
 MAX_RETRIES = 8
 
 
-def _guard(task: Task, run: Callable[[], object], fail: Callable[[str], None], what: str) -> None:
+def _guard(task: Task, run: Callable[[], object], fail: Callable[[str], None], what: str,
+           transient: tuple[type[BaseException], ...] = stages.TRANSIENT) -> None:
     try:
         run()
-    except stages.TRANSIENT as exc:
+    except transient as exc:
         if task.request.retries >= MAX_RETRIES:
             fail(f"infrastructure unavailable: {exc}")
             raise Ignore() from exc
@@ -67,3 +68,16 @@ def bank_build(self: Task, bank_id: int) -> int:
     _guard(self, lambda: banks.build_bank(bank_id, ctx), lambda r: banks.record_bank_failure(ctx, bank_id, r),
            f"bank {bank_id}")
     return bank_id
+
+
+@app.task(name=TASK_NAMES["describe"], bind=True, max_retries=MAX_RETRIES)
+def describe(self: Task, job_id: str) -> str:
+    """LLM defect descriptions; an unreachable or overloaded LLM endpoint is retried with backoff."""
+    from workers.jobs import job_body
+    from workers.llm.base import LLMUnavailable
+
+    ctx = context()
+    run, fail = job_body("describe")
+    _guard(self, lambda: run(job_id, ctx), lambda r: fail(ctx, job_id, r), f"describe {job_id}",
+           transient=(*stages.TRANSIENT, LLMUnavailable))
+    return job_id
