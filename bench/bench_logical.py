@@ -264,11 +264,13 @@ def bench_bank(bb: Backbone, cfg: LADConfig, n_fine: int, shots: list[int], chun
             "fp16_total_mib": (floats // 2 + parts["n_fine"]) / MIB,
             "fp16_saves_mib": floats / 2 / MIB,
             "chunk_cols": c,
-            # nearest_distance's (Q, chunk) float32 distance block; `2 - 2 * (q @ b.T)` holds two
-            # such blocks at once (the product and the result), levels run one after another
+            # nearest_distance's (Q, chunk) float32 distance block. `2 - 2 * (q @ b.T)` holds two
+            # at once (operand and result), and from the second chunk on the previous d2 is still
+            # bound while the next is computed: three (checked against VmHWM). Levels run in turn.
             "search_block_bytes": bb.patches * c * 4,
             "search_block_mib": bb.patches * c * 4 / MIB,
-            "search_peak_extra_mib": 2 * bb.patches * c * 4 / MIB,
+            "search_peak_blocks": 2 if m <= chunk else 3,
+            "search_peak_extra_mib": (2 if m <= chunk else 3) * bb.patches * c * 4 / MIB,
         })
         fns[f"search_{k}"] = lambda mem=mem: structural_search(queries, mem.patch_bank, chunk)
         # CLIPLAD.score calls mem.to(q): an fp16 bank would be upcast whole on every frame
@@ -345,8 +347,9 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{r['fp16_upcast_ms']:>11.1f}"
             )
     print(
-        "\nQxC: one (query patches x chunk) fp32 distance block; peak: two such blocks live at once in "
-        "nearest_distance. fp16 halves centroids, histograms and patch bank (n_fine stays 8 bytes); "
+        "\nQxC: one (query patches x chunk) fp32 distance block; peak: the blocks nearest_distance holds at "
+        "once, 2 with one chunk, 3 with more (the previous chunk's d2 is still bound).\nfp16 halves centroids, "
+        "histograms and patch bank (n_fine stays 8 bytes); "
         "CLIPLAD.score would upcast an fp16 bank whole per frame (f16->32 ms, a transient fp32 copy)."
     )
     print(

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     default_queue: str = "gpu"
     control_queue: str = "control"
 
+    llm_model: str | None = None
+    llm_timeout: float = 60.0
+    llm_retries: int = 2
+    llm_local_path: str | None = None
+
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     overlay_max_side: int = 1024

@@ -41,5 +41,6 @@ def test_bench_logical_tiny_smoke(tmp_path: Path) -> None:
             assert r["total_bytes"] == sum(r["bytes"].values())
             assert r["fp16_total_bytes"] == (r["total_bytes"] - 8) // 2 + 8
             assert r["search_block_bytes"] == patches * min(4096, r["shots"] * patches) * 4
+            assert r["search_peak_blocks"] == (2 if r["shots"] * patches <= 4096 else 3)
             assert r["search_ms"] > 0 and r["fp16_upcast_ms"] > 0
     assert "sharing saves" in proc.stdout

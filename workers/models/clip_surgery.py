@@ -30,6 +30,14 @@ class DualPathFeatures:
     # n_stages x (B, 1 + P, W): the true block outputs at each tap (no in-place quirk), so
     # consumers such as CLIP-LAD see the same features whatever official_inplace_quirk is.
     clean: list[Tensor] = field(default_factory=list)
+    # n_stages x (B, 1 + P, W): each stage's raw v-v accumulator (sum of the stage's v-v attention
+    # residuals) before CLS replacement, ln_post and projection. FiLo's cumulative surgery path
+    # and its MMCI inputs are rebuilt from these (workers.models.filo).
+    surgery_raw: list[Tensor] = field(default_factory=list)
+    # (n_stages - 1) x (B, 1 + P, W): the original-path attention residual of the block right
+    # after each tap but the last (what the in-place quirk adds to ``original``), kept whatever
+    # official_inplace_quirk is, so FiLo can rebuild its own official taps.
+    next_attn: list[Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,7 @@ class StagedDualPathViT(nn.Module):
         surgery: list[Tensor] = []
         original: list[Tensor] = []
         clean: list[Tensor] = []
+        next_attn: list[Tensor] = []
         penultimate: Tensor | None = None
         acc: Tensor | None = None
         pending: Tensor | None = None  # tap output waiting for the next block's attention
@@ -120,6 +129,7 @@ class StagedDualPathViT(nn.Module):
             h = x + ori_res
             if pending is not None:
                 original.append(h if self.official_inplace_quirk else pending)
+                next_attn.append(ori_res)
                 pending = None
             acc = vv_res if i % self.stage_len == 0 else acc + vv_res  # reset at stage start
             x = h + block.ls_2(block.mlp(block.ln_2(h)))
@@ -135,7 +145,8 @@ class StagedDualPathViT(nn.Module):
             tokens = torch.cat([ori_s[:, :1], acc_s[:, 1:]], dim=1)  # CLS from the original path
             out_surgery.append(self._project(tokens))
         return DualPathFeatures(surgery=out_surgery, original=original, grid=self.grid,
-                                penultimate=penultimate, clean=clean)
+                                penultimate=penultimate, clean=clean, surgery_raw=surgery,
+                                next_attn=next_attn)
 
 
 def feature_surgery(tokens: Tensor, text: Tensor, temperature: float = 1.0) -> Tensor:
