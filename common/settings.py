@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     default_queue: str = "gpu"
     control_queue: str = "control"
 
+    # Grounding DINO for the localize stage: hub id, local save_pretrained folder, or imported name.
+    grounding: str = "IDEA-Research/grounding-dino-tiny"
+    # Trained FiLo head weights (file or imported name) for segment_method "filo"; none = refuse FiLo.
+    filo_weights: str | None = None
     llm_model: str | None = None
     llm_timeout: float = 60.0
     llm_retries: int = 2

@@ -90,7 +90,9 @@ def category_add(name: str, threshold: float | None) -> None:
               help="New prompt-set version with this RVS method (same sentences).")
 @click.option("--rvs-params", default=None, help='JSON, e.g. \'{"eps": 1.5, "min_samples": 25}\'.')
 @click.option("--score-norm", default=None, help='JSON {"cls": [lo, hi], "map": [lo, hi]} or "none".')
-def category_set(name, threshold, prompt_version, rvs, rvs_params, score_norm) -> None:
+@click.option("--pipeline", "pipeline_json", default=None,
+              help='JSON merged into the pipeline: stages, segment_method (sdp|filo), combine, logical_threshold.')
+def category_set(name, threshold, prompt_version, rvs, rvs_params, score_norm, pipeline_json) -> None:
     """Change threshold, prompt set or score normalisation; takes effect on the next frame."""
     orch = open_orchestrator()
     with orch.sessions.begin() as s:
@@ -106,9 +108,18 @@ def category_set(name, threshold, prompt_version, rvs, rvs_params, score_norm) -
         norm = None
         if score_norm is not None:
             norm = {} if score_norm == "none" else json.loads(score_norm)
+        pipeline = None
+        if pipeline_json is not None:
+            from orchestrator.planner import plan_stages
+
+            pipeline = {**(c.pipeline or {}), **json.loads(pipeline_json)}
+            try:
+                plan_stages(pipeline)
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from exc
         try:
             repo.set_category_fields(s, c, threshold=threshold, active_prompt_version=prompt_version,
-                                     score_norm=norm)
+                                     score_norm=norm, pipeline=pipeline)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"{c.name}: threshold={c.threshold} prompt_set=v{c.active_prompt_set.version}")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KNOWN_STAGES = ("segment", "logical")
+KNOWN_STAGES = ("localize", "segment", "logical")  # also their order in a frame's chain
 DEFAULT_STAGES = ("segment",)
 
 
@@ -22,6 +22,7 @@ def plan_stages(pipeline: dict[str, Any] | None, has_bank: bool = False) -> list
         raise ValueError(f"unknown stages {unknown} in category pipeline; known: {KNOWN_STAGES}")
     if has_bank and "logical" not in stages:
         stages.append("logical")
+    stages = sorted(dict.fromkeys(stages), key=KNOWN_STAGES.index)  # localize -> segment -> logical
     return [*stages, "finalize"]
 
 

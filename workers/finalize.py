@@ -56,7 +56,10 @@ def decide(outputs: dict[str, dict[str, Any]], category) -> dict[str, Any]:
     image_score = None
     if "segment" in outputs:
         seg = outputs["segment"]
-        image_score = scoring.image_score(seg["cls_prob"], seg["map_max"], category.score_norm)
+        if seg.get("method") == "filo":  # FiLo's own score: (CLS term + map max) / 2
+            image_score = float(seg["image_score"])
+        else:
+            image_score = scoring.image_score(seg["cls_prob"], seg["map_max"], category.score_norm)
         decisions["segment"] = scoring.verdict(image_score, category.threshold)
         scores.update(cls_prob=seg["cls_prob"], map_max=seg["map_max"], norm=category.score_norm)
     if "logical" in outputs:
@@ -67,6 +70,9 @@ def decide(outputs: dict[str, dict[str, Any]], category) -> dict[str, Any]:
                       logical_threshold=thr, histogram=lad.get("histogram"))
         if image_score is None:
             image_score = float(lad["fused"])
+    if "localize" in outputs:
+        loc = outputs["localize"]
+        scores.update(phrases=loc.get("phrases", []), position=loc.get("position"))
     if not decisions:
         raise StageFailed("no stage produced an output to decide on")
     rule = pipeline.get("combine", "any")

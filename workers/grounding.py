@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import is_offline_mode
 
 from workers.models.hqloc import GENERIC_WORDS, Box
 
@@ -63,8 +64,9 @@ class GroundingModel:
         """Boxes per (H, W, 3) uint8 RGB image with score > ``box_threshold``, in query order.
 
         Coordinates are fractions of each image's own size, clipped to [0, 1]. The phrase is the caption
-        tokens scoring > ``text_threshold``, space-joined, without special tokens or separator dots. For FiLo's HQ-Loc
-        call with ``box_threshold=0.0`` and let ``hqloc.filter_boxes`` apply 0.25 (its fallback needs all).
+        tokens scoring > ``text_threshold``, space-joined, without special tokens or separator dots.
+        For FiLo's HQ-Loc call with ``box_threshold=0.0`` and let ``hqloc.filter_boxes`` apply 0.25
+        (its fallback needs every query).
         """
         for img in images:
             if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -99,14 +101,14 @@ def _is_path(source: str) -> bool:
 
 
 def load_grounding(
-    source: str = DEFAULT_SOURCE, device: str = "cpu", *, shortest_edge: int | None = None
+    source: str = DEFAULT_SOURCE, device: str = "cpu", *, shortest_edge: int | None = None, allow_download: bool = True
 ) -> GroundingModel:
     """Load processor and model from a hub id or a ``save_pretrained`` directory.
 
-    ``shortest_edge`` overrides the processor's resize (FiLo resized to 518; the hub default is 800).
+    A hub id is read from the hub cache first, so a cached model never touches the network; only a miss
+    downloads (unless ``allow_download`` is False or ``HF_HUB_OFFLINE`` is set). ``shortest_edge`` overrides
+    the processor's resize (FiLo resized to 518 px; the hub default is 800).
     """
-    from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
-
     local = _is_path(source)
     path = str(Path(source).expanduser()) if local else source
     if local and not Path(path).is_dir():
@@ -118,8 +120,12 @@ def load_grounding(
     if not local and not _HUB_ID.match(source):
         raise GroundingNotFound(f"{source!r} is neither an existing directory nor a hub id like {DEFAULT_SOURCE!r}")
     try:
-        processor = GroundingDinoProcessor.from_pretrained(path, local_files_only=local)
-        model = GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=local)
+        try:
+            processor, model = _from_pretrained(path, local_only=True)
+        except OSError:  # not in the cache (or not a model directory)
+            if local or not allow_download or is_offline_mode():
+                raise
+            processor, model = _from_pretrained(path, local_only=False)
     except Exception as exc:  # missing files, no network, wrong model type, corrupt weights
         raise GroundingNotFound(
             f"could not load Grounding DINO from {source!r}: {exc}. Without internet, run "
@@ -133,11 +139,23 @@ def load_grounding(
     return GroundingModel(model, processor, source, device)
 
 
+def _from_pretrained(path: str, *, local_only: bool) -> tuple[Any, Any]:
+    from transformers import AutoConfig, GroundingDinoForObjectDetection, GroundingDinoProcessor
+
+    config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    if config.model_type != "grounding-dino":
+        raise ValueError(f"the model there is a {config.model_type!r}, not a Grounding DINO")
+    processor = GroundingDinoProcessor.from_pretrained(path, local_files_only=local_only)
+    model = GroundingDinoForObjectDetection.from_pretrained(path, config=config, local_files_only=local_only)
+    return processor, model
+
+
 def tiny_random_grounding(tmp_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write a tiny random Grounding DINO (model, BERT WordPiece tokenizer, processor) for tests only.
 
     Swin backbone with one block per stage, d_model 32 (its GroupNorms need multiples of 32), one encoder
-    and two decoder layers (transformers ties the decoder's box heads and needs at least two), 20 queries.
+    and two decoder layers (transformers ties the decoder's box heads and needs at least two), 20 queries,
+    3 feature levels (no extra stride-2 level, whose 1x1 maps break GroupNorm on small test images).
     """
     from transformers import (
         BertConfig,
@@ -167,7 +185,7 @@ def tiny_random_grounding(tmp_dir: str | os.PathLike[str], seed: int = 0) -> Pat
     config = GroundingDinoConfig(
         backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
         encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
-        num_queries=20, encoder_n_points=2, decoder_n_points=2,
+        num_queries=20, num_feature_levels=3, encoder_n_points=2, decoder_n_points=2,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -46,6 +46,7 @@ def render_overlay(
     max_side: int = 1024,
     alpha: float = 0.5,
     caption: str | None = None,
+    decorate=None,
 ) -> bytes:
     """Colour-mapped anomaly map blended over the frame, as PNG bytes.
 
@@ -61,6 +62,8 @@ def render_overlay(
     norm = np.clip((m - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
     heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
     blended = cv2.addWeighted(cv2.cvtColor(base, cv2.COLOR_RGB2BGR), 1 - alpha, heat, alpha, 0)
+    if decorate is not None:  # e.g. detection boxes, drawn on RGB
+        blended = cv2.cvtColor(decorate(cv2.cvtColor(blended, cv2.COLOR_BGR2RGB)), cv2.COLOR_RGB2BGR)
     if caption:
         cv2.putText(blended, caption, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3)
         cv2.putText(blended, caption, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)

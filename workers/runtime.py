@@ -63,11 +63,48 @@ def lad_engine(ctx: StageContext):  # -> workers.lad_engine.LADEngine, on the se
         return _lad
 
 
+_grounding = None
+_filo: dict[str, object] = {}
+
+
+def grounding_model(ctx: StageContext):  # -> workers.grounding.GroundingModel
+    """Grounding DINO for the localize stage, loaded once per process (never a random fallback)."""
+    global _grounding
+    with _lock:
+        if _grounding is None:
+            from workers.grounding import load_grounding
+            from workers.weights import best_device
+
+            _grounding = load_grounding(ctx.settings.grounding, best_device(ctx.settings.device))
+        return _grounding
+
+
+def filo_head(ctx: StageContext):  # -> workers.models.filo.FiLoHead | None
+    """Trained FiLo head weights (file or imported name) sized for the worker's CLIP; None if unset."""
+    name = ctx.settings.filo_weights
+    if not name:
+        return None
+    seg = segment_engine(ctx)
+    with _lock:
+        if name not in _filo:
+            from workers.models.filo import FiLoHead
+            from workers.weights import state_dict_from_bytes
+
+            imported = _imported_weights(ctx, name)
+            data = imported[1] if imported else Path(name).read_bytes()
+            head = FiLoHead.for_visual(seg.clip.model.visual)
+            head.load_state_dict(state_dict_from_bytes(data))
+            _filo[name] = head.to(seg.device).eval()
+        return _filo[name]
+
+
 def reset_engine() -> None:
-    global _engine, _lad
+    global _engine, _lad, _grounding
     with _lock:
         _engine = None
         _lad = None
+        _grounding = None
+        _filo.clear()
 
 
 def _build_engine(ctx: StageContext):

@@ -19,11 +19,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from common.images import ImageError, decode_image
-from storage import bank_repo, keys, repo
+from storage import bank_repo, job_repo, keys, repo
 from storage.objects import ObjectNotFound, ObjectStoreUnavailable
 from storage.orm import InspectionStatus, StageStatus
 from workers.finalize import StageFailed, finalize_in, record_failure, run_finalize
-from workers.runtime import WORKER, StageContext, lad_engine, segment_engine
+from workers.runtime import WORKER, StageContext, filo_head, grounding_model, lad_engine, segment_engine
 
 log = logging.getLogger(__name__)
 _io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io")
@@ -41,6 +41,9 @@ class FrameInput:
     prompt: dict[str, Any]  # sha256, content, rvs_method, rvs_params
     score_norm: dict[str, Any] | None
     bank: dict[str, Any] | None  # id, version, object_key, content, config (logical stage)
+    pipeline: dict[str, Any]
+    phrases: list[str]  # FiLo defect phrases (localize caption, FiLo prompts)
+    localize: dict[str, Any] | None  # output of a localize stage that already ran
 
 
 def _relaxed_commit(s) -> None:
@@ -75,13 +78,29 @@ def _start(ctx: StageContext, inspection_id: str, stages: list[str]) -> tuple[Fr
         if ps is None:
             raise StageFailed(f"category {cat.name!r} has no active prompt set")
         bank = _bank_input(s, insp) if "logical" in todo else None
+        pipeline = dict(cat.pipeline or {})
+        phrases = _phrases(s, cat, pipeline)
+        localize = next((r.output for r in insp.stage_runs if r.stage == "localize" and r.status == StageStatus.done),
+                        None)
         repo.mark_inspection(s, inspection_id, InspectionStatus.running, locked=insp)
         for st in todo:
             repo.upsert_stage_run(s, inspection_id, st, status=StageStatus.running, worker=WORKER)
         prompt = {"sha256": ps.sha256, "content": ps.content, "rvs_method": ps.rvs_method,
                   "rvs_params": ps.rvs_params or {}}
-        inp = FrameInput(insp.image_key, cat.name, ps.id, ps.version, prompt, cat.score_norm, bank)
+        inp = FrameInput(insp.image_key, cat.name, ps.id, ps.version, prompt, cat.score_norm, bank, pipeline,
+                         phrases, localize)
         return inp, todo
+
+
+def _phrases(s, cat, pipeline: dict[str, Any]) -> list[str]:
+    """The category's active FiLo descriptions, else the reviewed default library."""
+    from prompts.filo import FILO_PIPELINE_KEY, load_filo_defaults
+
+    ps_id = pipeline.get(FILO_PIPELINE_KEY)
+    ps = repo.get_prompt_set(s, int(ps_id)) if ps_id else None
+    if ps is not None and ps.content.get("phrases"):
+        return list(ps.content["phrases"])
+    return load_filo_defaults(cat.name)
 
 
 def _frame(ctx: StageContext, inp: FrameInput):
@@ -109,6 +128,8 @@ def run_stages(inspection_id: str, ctx: StageContext, stages: list[str], finaliz
     ms = (time.perf_counter() - t0) * 1000
     with ctx.sessions.begin() as s:
         for st, out in outputs.items():
+            if st == "localize":
+                job_repo.replace_detections(s, inspection_id, out["detections"])
             repo.upsert_stage_run(s, inspection_id, st, status=StageStatus.done,
                                   duration_ms=out.pop("_ms", ms), output=out, worker=WORKER)
         if finalize:
@@ -117,19 +138,35 @@ def run_stages(inspection_id: str, ctx: StageContext, stages: list[str], finaliz
 
 
 def _compute(ctx, inspection_id: str, inp: FrameInput, todo: list[str], rgb) -> dict[str, dict[str, Any]]:
-    from workers.engine import PromptSpec  # torch stays out of processes that never compute
+    from workers.engine import FramePrediction, PromptSpec  # torch stays out of processes that never compute
+    from workers.stages_filo import filo_segment, kept_boxes, localize_frame
 
     engine = segment_engine(ctx)
     outputs: dict[str, dict[str, Any]] = {}
     features = None
+    localize = inp.localize
+    if "localize" in todo:
+        t = time.perf_counter()
+        localize = localize_frame(grounding_model(ctx), rgb, inp.phrases)
+        outputs["localize"] = localize | {"_ms": (time.perf_counter() - t) * 1000}
     if "segment" in todo:
         t = time.perf_counter()
-        text_feats = engine.text_features(PromptSpec(class_name=inp.category, **inp.prompt), ctx.store)
+        method = inp.pipeline.get("segment_method", "sdp")
         t_model = time.perf_counter()
-        pred, features = engine.predict_with_features(rgb, text_feats, keep=("logical" in todo))
+        extra: dict[str, Any] = {"method": method}
+        if method == "filo":
+            amap, cls_prob, map_max, filo_score, features = filo_segment(
+                engine, filo_head(ctx), rgb, inp.category, inp.phrases, localize)
+            pred = FramePrediction(amap, cls_prob, map_max)
+            extra |= {"image_score": filo_score, "position": (localize or {}).get("position", "center")}
+        elif method == "sdp":
+            text_feats = engine.text_features(PromptSpec(class_name=inp.category, **inp.prompt), ctx.store)
+            pred, features = engine.predict_with_features(rgb, text_feats, keep=("logical" in todo))
+        else:
+            raise StageFailed(f"unknown segment_method {method!r} (sdp or filo)")
         model_ms = (time.perf_counter() - t_model) * 1000
-        map_key, overlay_key = _write_pictures(ctx, inspection_id, rgb, pred, inp, engine)
-        outputs["segment"] = {
+        map_key, overlay_key = _write_pictures(ctx, inspection_id, rgb, pred, inp, engine, kept_boxes(localize))
+        outputs["segment"] = extra | {
             "cls_prob": pred.cls_prob, "map_max": pred.map_max, "anomaly_map_key": map_key,
             "overlay_key": overlay_key, "model_name": engine.clip.arch,
             "weights_ref": engine.clip.weights_ref, "random_weights": engine.clip.random_weights,
@@ -160,8 +197,9 @@ def _logical(ctx, inp: FrameInput, rgb, features) -> dict[str, Any]:
     return out | {"bank_id": b["id"], "bank_version": b["version"]}
 
 
-def _write_pictures(ctx, inspection_id, rgb, pred, inp: FrameInput, engine) -> tuple[str, str]:
+def _write_pictures(ctx, inspection_id, rgb, pred, inp: FrameInput, engine, boxes=()) -> tuple[str, str]:
     from workers.imaging import map_to_npy, render_overlay
+    from workers.models.hqloc import draw_boxes
 
     map_key = keys.anomaly_map_key(inspection_id)
     overlay_key = keys.overlay_key(inspection_id)
@@ -173,7 +211,8 @@ def _write_pictures(ctx, inspection_id, rgb, pred, inp: FrameInput, engine) -> t
     if engine.clip.random_weights:
         caption += " RANDOM WEIGHTS"
     png = render_overlay(
-        rgb, pred.anomaly_map, value_range=rng, max_side=ctx.settings.overlay_max_side, caption=caption
+        rgb, pred.anomaly_map, value_range=rng, max_side=ctx.settings.overlay_max_side, caption=caption,
+        decorate=(lambda img: draw_boxes(img, boxes)) if boxes else None,
     )
     ctx.store.put_bytes(overlay_key, png, content_type="image/png")
     map_put.result()
@@ -196,7 +235,12 @@ def _run_finalize(inspection_id: str, ctx: StageContext, finalize: bool = True,
     return run_finalize(inspection_id, ctx)
 
 
-STAGES = {"segment": run_segment, "logical": run_logical, "finalize": _run_finalize}
+def run_localize(inspection_id: str, ctx: StageContext, finalize: bool = False,
+                 with_stages: tuple[str, ...] = ()) -> str:
+    return run_stages(inspection_id, ctx, ["localize", *with_stages], finalize)
+
+
+STAGES = {"localize": run_localize, "segment": run_segment, "logical": run_logical, "finalize": _run_finalize}
 
 
 def execute(stage: str, inspection_id: str, ctx: StageContext, finalize: bool = False,

@@ -52,6 +52,11 @@ def segment(self: Task, inspection_id: str, finalize: bool = False, with_stages:
     return _frame(self, "segment", inspection_id, finalize, with_stages or [])
 
 
+@app.task(name=TASK_NAMES["localize"], bind=True, max_retries=MAX_RETRIES)
+def localize(self: Task, inspection_id: str, finalize: bool = False, with_stages: list[str] | None = None) -> str:
+    return _frame(self, "localize", inspection_id, finalize, with_stages or [])
+
+
 @app.task(name=TASK_NAMES["logical"], bind=True, max_retries=MAX_RETRIES)
 def logical(self: Task, inspection_id: str, finalize: bool = False, with_stages: list[str] | None = None) -> str:
     return _frame(self, "logical", inspection_id, finalize, with_stages or [])

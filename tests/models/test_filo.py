@@ -133,6 +133,28 @@ def test_mmci_kernels_same_padding_and_fusion():
     torch.testing.assert_close(m(tokens, (5, 6)), out, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError):
         m(tokens, (5, 5))
+
+
+def test_mmci_fused_kernel_cache_follows_the_weights():
+    torch.manual_seed(0)
+    m = MMCI(16, 8)
+    tokens = torch.randn(2, 25, 16)
+    with torch.inference_mode():
+        m(tokens, (5, 5))  # builds the cache inside inference mode
+    with torch.no_grad():
+        m.branches[3].weight.add_(0.5)  # in place: version counter moves
+        got = m(tokens, (5, 5))
+        m.fuse = False
+        want = m(tokens, (5, 5))
+        m.fuse = True
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    other = MMCI(16, 8)
+    m.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(m(tokens, (5, 5)), other(tokens, (5, 5)), atol=1e-5, rtol=1e-4)
+    # with autograd the fused kernel is rebuilt and gradients reach every branch
+    m(tokens, (5, 5)).square().sum().backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in m.branches)
     with pytest.raises(ValueError, match="odd"):
         MMCI(4, 4, kernels=[(2, 2)])
 

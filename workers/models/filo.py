@@ -245,7 +245,11 @@ class MMCI(nn.Module):
     zero-padded (centred) to the largest shape: with odd kernel sizes and zero "same" padding
     that is exactly the sum of the branch outputs (up to float rounding) at about half the
     multiply-adds (49 vs 94 taps for the default six). ``fuse=False`` runs the six branches.
-    The parameters are always the six branches (``branches.{k}.weight/bias``).
+    The parameters are always the six branches (``branches.{k}.weight/bias``). Without autograd
+    the fused kernel is cached (keyed on the parameters' storage and version counters, so
+    ``load_state_dict``, optimiser steps and ``.to()`` rebuild it); building it costs more than
+    the conv itself. The cache holds one (out, in, 7, 7) kernel: ~52% more memory than the
+    branches' 94 taps. With autograd it is rebuilt on every call (differentiable).
     """
 
     def __init__(
@@ -263,6 +267,7 @@ class MMCI(nn.Module):
         self.fuse = fuse
         self.kh = max(k[0] for k in self.kernels)
         self.kw = max(k[1] for k in self.kernels)
+        self._cache: tuple[tuple[Any, ...], Tensor, Tensor] | None = None
 
     def fused_kernel(self) -> tuple[Tensor, Tensor]:
         """(out, in, kh_max, kw_max) weight and (out,) bias equal to the branch sum."""
@@ -276,6 +281,18 @@ class MMCI(nn.Module):
                 bias = bias + conv.bias
         return weight, bias
 
+    def _kernel(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return self.fused_kernel()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._cache is None or self._cache[0] != key:
+            # plain (not inference-mode) tensors, so the cache stays usable outside inference_mode
+            with torch.inference_mode(False), torch.no_grad():
+                weight, bias = self.fused_kernel()
+            self._cache = (key, weight, bias)
+        return self._cache[1], self._cache[2]
+
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """tokens (B, P, in_dim) patch tokens (no CLS), P = gh * gw row-major -> (B, P, out_dim)."""
         b, p, c = tokens.shape
@@ -284,7 +301,7 @@ class MMCI(nn.Module):
             raise ValueError(f"{p} tokens do not fill a {gh}x{gw} grid")
         x = tokens.transpose(1, 2).reshape(b, c, gh, gw)  # (B, P, C) -> (B, C, gh, gw)
         if self.fuse:
-            weight, bias = self.fused_kernel()
+            weight, bias = self._kernel(x)
             y = F.conv2d(x, weight, bias, padding=(self.kh // 2, self.kw // 2))  # (B, out, gh, gw)
         else:
             y = sum(conv(x) for conv in self.branches)  # (B, out, gh, gw)
