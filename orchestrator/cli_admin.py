@@ -177,3 +177,28 @@ def models_list() -> None:
         for w in repo.list_weights(s):
             click.echo(f"{w.name}\t{w.arch}\t{w.tag or '-'}\t{w.sha256[:16]}\t{w.size_bytes} B"
                        f"\t{w.object_key}")
+
+
+@models.command("import-dir")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Registry name; set INSPECT_GROUNDING (or another setting) to it.")
+@click.option("--kind", type=click.Choice(["grounding-dino"]), default="grounding-dino", show_default=True)
+@click.option("--tag", default=None, help="Where the weights came from, e.g. IDEA-Research/grounding-dino-tiny.")
+def models_import_dir(folder: Path, name: str, kind: str, tag: str | None) -> None:
+    """Store a save_pretrained folder (config, weights, tokenizer) in the object store for air-gapped workers."""
+    import hashlib
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not (folder / "config.json").is_file():
+        raise click.ClickException(f"{folder} has no config.json: not a save_pretrained folder")
+    manifest = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    sha = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    orch = open_orchestrator()
+    prefix = f"models/{name}/{sha}"
+    for rel in manifest:
+        orch.store.put_bytes(f"{prefix}/{rel}", (folder / rel).read_bytes())
+    orch.store.put_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=1).encode())
+    size = sum(p.stat().st_size for p in files)
+    with orch.sessions.begin() as s:
+        repo.register_weights(s, name=name, arch=kind, tag=tag, sha256=sha, object_key=prefix, size_bytes=size)
+    click.echo(f"imported {name}: {kind}, {len(files)} files, {size} B, manifest sha256={sha}")

@@ -75,7 +75,8 @@ def grounding_model(ctx: StageContext):  # -> workers.grounding.GroundingModel
             from workers.grounding import load_grounding
             from workers.weights import best_device
 
-            _grounding = load_grounding(ctx.settings.grounding, best_device(ctx.settings.device))
+            source = _imported_folder(ctx, ctx.settings.grounding) or ctx.settings.grounding
+            _grounding = load_grounding(source, best_device(ctx.settings.device))
         return _grounding
 
 
@@ -135,3 +136,28 @@ def _imported_weights(ctx: StageContext, name: str) -> tuple[str, bytes] | None:
     tmp.write_bytes(data)
     tmp.replace(cache)
     return sha, data
+
+
+def _imported_folder(ctx: StageContext, name: str) -> str | None:
+    """A folder imported with ``inspect models import-dir``, fetched once into the local cache."""
+    import hashlib
+    import json
+
+    with ctx.sessions() as session:
+        row = repo.get_weights(session, name)
+        if row is None or row.arch != "grounding-dino":
+            return None
+        sha, prefix = row.sha256, row.object_key
+    target = Path(ctx.settings.data_dir) / "weights-cache" / sha
+    if (target / "manifest.json").is_file():
+        return str(target)
+    manifest = json.loads(ctx.store.get_bytes(f"{prefix}/manifest.json"))
+    for rel, file_sha in manifest.items():
+        data = ctx.store.get_bytes(f"{prefix}/{rel}")
+        if hashlib.sha256(data).hexdigest() != file_sha:
+            raise RuntimeError(f"imported {name}: {rel} fails its sha256 check")
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    (target / "manifest.json").write_text(json.dumps(manifest))  # written last: marks a complete copy
+    return str(target)

@@ -160,3 +160,55 @@ def test_bank_build_and_logical_stage_through_the_queue(tmp_path, broker, pg_mod
             runs = {st.stage: st for st in insp.stage_runs}
             assert set(runs) == {"segment", "logical", "finalize"}
             assert runs["logical"].output["shared_backbone"] is True  # one message, one backbone pass
+
+
+def test_filo_chain_with_imported_grounding_through_the_queue(
+    tmp_path, broker, pg_module_url, s3_server, s3_credentials
+):
+    from safetensors.torch import save_file
+
+    from workers.grounding import tiny_random_grounding
+    from workers.models.filo import FiLoHead
+    from workers.weights import load_clip
+
+    gdino = tiny_random_grounding(tmp_path / "gdino")
+    head = FiLoHead.for_visual(load_clip("inspect-tiny", "random").model.visual)
+    head.mark_trained()  # stands in for trained weights: the chain's code path is under test
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp_path / "filo.safetensors"))
+    q = f"gpu-e2e-{uuid.uuid4().hex[:6]}"
+    name = f"gdino-{uuid.uuid4().hex[:6]}"
+    env = _env(tmp_path, pg_module_url, s3_server, s3_credentials, f"e2e-{uuid.uuid4().hex[:10]}",
+               INSPECT_DEFAULT_QUEUE=q, INSPECT_GROUNDING=name,
+               INSPECT_FILO_WEIGHTS=str(tmp_path / "filo.safetensors"))
+    cli = [_bin("inspect")]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    imported = run("models", "import-dir", str(gdino), "--name", name)
+    assert imported.returncode == 0, imported.stderr
+    cat = f"pcb1_{uuid.uuid4().hex[:4]}"
+    assert run("category", "add", cat).returncode == 0
+    assert run("category", "set", cat, "--pipeline",
+               '{"stages": ["localize", "segment"], "segment_method": "filo"}').returncode == 0
+    worker = _start_worker(env, q, tmp_path / "worker.log")
+    try:
+        res = _submit(env, "--line", "9", "--category", cat, "--wait", "--timeout", "240",
+                      str(EXAMPLES / "scratch_001.png"))
+    finally:
+        _stop(worker)
+        with Connection(BROKER) as conn:
+            conn.channel().queue_delete(q)
+    log = (tmp_path / "worker.log").read_text()
+    assert res.returncode == 0 and "FAILED" not in res.stdout, f"{res.stdout}\n{res.stderr}\n{log[-3000:]}"
+    assert "inspect.localize" in log  # localize -> segment -> finalize travel as one message
+    with session_factory(pg_module_url)() as s:
+        ((insp, result),) = repo.list_results(s, line="9")
+        runs = {st.stage: st for st in insp.stage_runs}
+        assert set(runs) == {"localize", "segment", "finalize"}
+        assert runs["segment"].output["method"] == "filo"
+        assert "weights-cache" in runs["localize"].output["grounding"]  # loaded from the object-store import
+        assert "phrases" in result.scores and "position" in result.scores
+        from storage.job_repo import list_detections
+
+        assert len(list_detections(s, insp.id)) == min(runs["localize"].output["n_boxes"], 50)
