@@ -45,11 +45,14 @@ def nearest_distance(query: Tensor, bank: Tensor, chunk: int = 4096) -> Tensor:
     """query (Q, D), bank (M, D), both L2-normalised -> (Q,) Euclidean distance to the nearest
     bank row, computed over bank chunks so no (Q, M) matrix larger than (Q, chunk) exists."""
     best = torch.full((query.shape[0],), float("inf"), device=query.device, dtype=query.dtype)
+    buf = torch.empty((query.shape[0], min(chunk, bank.shape[0])), device=query.device, dtype=query.dtype)
     for start in range(0, bank.shape[0], chunk):
-        part = bank[start : start + chunk]  # (C, D)
+        part = bank[start : start + chunk].to(query.dtype)  # (C, D); an fp16 bank converts chunk by chunk
+        d2 = buf[:, : part.shape[0]]
+        torch.mm(query, part.T, out=d2)  # one reused (Q, C) block: the search's whole extra memory
         # ||q - b||^2 = 2 - 2 q.b for unit vectors; clamp guards rounding below zero.
-        d2 = (2.0 - 2.0 * (query @ part.T)).clamp_min_(0.0)  # (Q, C)
-        best = torch.minimum(best, d2.min(dim=1).values)
+        d2.mul_(-2.0).add_(2.0).clamp_min_(0.0)
+        torch.minimum(best, d2.min(dim=1).values, out=best)
     return best.sqrt()
 
 
