@@ -153,6 +153,8 @@ class Inspection(Base):
     )
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set once the result (or failure) event was confirmed by the broker: one event per inspection.
+    event_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     line: Mapped[Line] = relationship()
     category: Mapped[Category] = relationship()
@@ -295,3 +297,20 @@ class Detection(Base):
     y1: Mapped[float] = mapped_column(Float)
     kept: Mapped[bool] = mapped_column(Boolean)
     position: Mapped[str | None] = mapped_column(String(32))
+
+
+class RejectedMessage(Base):
+    """A message the intake refused (malformed, invalid, unknown line/category, bad image): never lost."""
+
+    __tablename__ = "rejected_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now(), default=utcnow,
+                                                  index=True)
+    queue: Mapped[str] = mapped_column(String(256))
+    routing_key: Mapped[str | None] = mapped_column(String(256))
+    message_id: Mapped[str | None] = mapped_column(String(256), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    headers: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    body_size: Mapped[int] = mapped_column(BigInteger)
+    body_excerpt: Mapped[str | None] = mapped_column(Text)  # first bytes, escaped: enough to identify it

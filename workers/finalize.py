@@ -35,6 +35,12 @@ def record_failure(ctx: StageContext, inspection_id: str, stage: str, reason: st
             return
         repo.upsert_stage_run(s, inspection_id, stage, status=StageStatus.failed, error=reason, worker=WORKER)
         repo.mark_inspection(s, inspection_id, InspectionStatus.failed, reason=f"{stage}: {reason}")
+    from workers.events import publish_event  # the failure event, after its commit
+
+    try:
+        publish_event(ctx, inspection_id)
+    except Exception:  # the failure is recorded; a broker outage must not hide it
+        log.exception("failure event for %s not published", inspection_id)
 
 
 def run_finalize(inspection_id: str, ctx: StageContext) -> str:
@@ -45,6 +51,9 @@ def run_finalize(inspection_id: str, ctx: StageContext) -> str:
         if insp is None:
             raise StageFailed(f"no inspection {inspection_id}")
         finalize_in(s, insp, t0)
+    from workers.events import publish_after_commit
+
+    publish_after_commit(ctx, inspection_id)
     return inspection_id
 
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
@@ -22,12 +23,13 @@ from common.images import ImageError, decode_image
 from storage import bank_repo, job_repo, keys, repo
 from storage.objects import ObjectNotFound, ObjectStoreUnavailable
 from storage.orm import InspectionStatus, StageStatus
+from workers.events import publish_after_commit
 from workers.finalize import StageFailed, finalize_in, record_failure, run_finalize
 from workers.runtime import WORKER, StageContext, filo_head, grounding_model, lad_engine, segment_engine
 
 log = logging.getLogger(__name__)
 _io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-io")
-TRANSIENT = (OperationalError, ObjectStoreUnavailable, ConnectionError, TimeoutError)
+TRANSIENT = (OperationalError, ObjectStoreUnavailable, ConnectionError, TimeoutError, BrokerError)
 
 __all__ = ["StageFailed", "record_failure", "run_stages", "execute", "STAGES"]
 
@@ -119,6 +121,7 @@ def run_stages(inspection_id: str, ctx: StageContext, stages: list[str], finaliz
     t0 = time.perf_counter()
     started = _start(ctx, inspection_id, stages)
     if started is None:
+        publish_after_commit(ctx, inspection_id)  # a redelivery after the verdict: make sure its event went out
         return inspection_id
     inp, todo = started
     outputs: dict[str, dict[str, Any]] = {}
@@ -134,6 +137,8 @@ def run_stages(inspection_id: str, ctx: StageContext, stages: list[str], finaliz
                                   duration_ms=out.pop("_ms", ms), output=out, worker=WORKER)
         if finalize:
             finalize_in(s, repo.get_inspection_for_stage(s, inspection_id), time.perf_counter())
+    if finalize:
+        publish_after_commit(ctx, inspection_id)  # after the commit: consumers never see an unrecorded verdict
     return inspection_id
 
 

@@ -67,6 +67,41 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _listen(binding: str) -> tuple[Connection, object]:
+    """A private queue on the results exchange, declared before frames flow so nothing is missed."""
+    from kombu import Exchange, Queue
+
+    conn = Connection(BROKER)
+    q = Queue(f"results-test-{uuid.uuid4().hex[:6]}", Exchange("results", "topic", durable=True),
+              routing_key=binding, auto_delete=True, exclusive=True)
+    q(conn.default_channel).declare()
+    return conn, q
+
+
+def _drain(listener, expect: int, timeout: float = 30.0) -> list:
+    """Every message on the listener's queue (waits for ``expect``, then a little more for extras)."""
+    import time
+
+    conn, q = listener
+    got, deadline = [], time.monotonic() + timeout
+    with conn:
+        bound = q(conn.default_channel)
+        while time.monotonic() < deadline:
+            msg = bound.get(no_ack=True)
+            if msg is None:
+                if len(got) >= expect:
+                    time.sleep(1.0)  # a duplicate would arrive right behind
+                    extra = bound.get(no_ack=True)
+                    if extra is None:
+                        break
+                    got.append(extra)
+                    continue
+                time.sleep(0.1)
+                continue
+            got.append(msg)
+    return got
+
+
 def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([_bin("inspect"), "submit", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -75,13 +110,15 @@ def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def test_submit_wait_through_rabbitmq_worker(tmp_path, broker, pg_module_url, s3_server, s3_credentials):
     bucket = f"e2e-{uuid.uuid4().hex[:10]}"
     env = _env(tmp_path, pg_module_url, s3_server, s3_credentials, bucket)
+    line = f"L{uuid.uuid4().hex[:6]}"
+    events = _listen(f"line.{line}.#")
     worker = _start_worker(env, "gpu", tmp_path / "worker.log")
     try:
-        line = f"L{uuid.uuid4().hex[:6]}"
         res = _submit(env, "--line", line, "--category", "pcb1", "--station", "2", "--serial", "SN-9",
                       "--wait", "--timeout", "240", str(EXAMPLES))
     finally:
         _stop(worker)
+    got = _drain(events, expect=3)
     log = (tmp_path / "worker.log").read_text()
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n--- worker log ---\n{log[-4000:]}"
     rows = [r.split("\t") for r in res.stdout.strip().splitlines()]
@@ -100,6 +137,15 @@ def test_submit_wait_through_rabbitmq_worker(tmp_path, broker, pg_module_url, s3
             png = store.get_bytes(result.overlay_key)
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
             assert [st.stage for st in insp.stage_runs] == ["segment", "finalize"]
+            assert insp.event_sent_at is not None
+    # one result event per inspection on the results exchange, routed by line, station and verdict
+    assert sorted(e.payload["id"] for e in got) == sorted(insp.id for insp, _ in found)
+    for e in got:
+        data = e.payload["data"]
+        assert e.delivery_info["routing_key"] == f"line.{line}.2.{data['verdict']}"
+        assert e.payload["type"] == "inspect.result.v1" and e.payload["subject"] == "SN-9"
+        assert data["serial"] == "SN-9" and data["versions"]["random_weights"] is True
+        assert data["objects"]["overlay"]["url"].startswith("http://")  # presigned S3 URL
 
 
 def test_routed_stage_queue_and_bad_frame(tmp_path, broker, pg_module_url, s3_server, s3_credentials):

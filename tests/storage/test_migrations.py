@@ -22,6 +22,7 @@ TABLES = {
     "memory_banks",
     "model_weights",
     "prompt_sets",
+    "rejected_messages",
     "results",
     "stage_runs",
 }

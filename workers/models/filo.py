@@ -4,15 +4,15 @@ Gu et al., "FiLo: Zero-Shot Anomaly Detection by Fine-Grained Description and Hi
 Localization" (arXiv 2404.13671, ACM MM 2024; seed 000), checked against the official code
 (CASIA-IVA-Lab/FiLo, ``models/FiLo.py``, ``test.py``, ``models/vv_open_clip/transformer.py``).
 
-- FG-Des (sec. 3.2): abnormal sentences "abnormal {cls} with {detail}" for each LLM-written
+- FG-Des: abnormal sentences "abnormal {cls} with {detail}" for each LLM-written
   detail plus 5 generic states, 7 normal states. Learnable context (12 vectors shifted by a small
   net on the image CLS) is a training-time component and not part of this module: here the
   sentences go through fixed templates (default "{}." = the official sentence without context).
-- HQ-Loc position-enhanced prompts (sec. 3.3.1-3.3.2): every abnormal sentence gets " at {pos}"
+- HQ-Loc position-enhanced prompts (Grounding DINO: sec. 3.3.1): every abnormal sentence gets " at {pos}"
   for one of 9 positions of a 3x3 grid (the best Grounding DINO box's centre).
 - MMCI (sec. 3.3.3): six Conv2d branches (1x1, 3x3, 5x5, 7x7, 1x5, 5x1; "same" padding) on the
   patch grid, summed; plus one Linear decoder per tap.
-- Maps and score (sec. 3.4, the paper's M and S_global): per head, 100 x cosine with the text
+- Maps and score (the paper's M and S_global): per head, 100 x cosine with the text
   pair, bilinear upsampling (align_corners=True), softmax over (normal, abnormal); Gaussian blur
   (torchvision GaussianBlur(3, 4.0)) of the abnormal probability; M = mean over heads;
   S_global = (CLS-text abnormal similarity + max M) / 2, with the CLS through the adapter
@@ -140,8 +140,7 @@ def _encode_mean(
 ) -> Tensor:
     """Mean of the L2-normalised sentence embeddings (E,), not re-normalised."""
     parts = [
-        encode_text(tokenize(sentences[i : i + chunk]).to(device)).float()
-        for i in range(0, len(sentences), chunk)
+        encode_text(tokenize(sentences[i : i + chunk]).to(device)).float() for i in range(0, len(sentences), chunk)
     ]
     return F.normalize(torch.cat(parts), dim=-1).mean(dim=0)  # (N, E) -> (E,)
 
@@ -184,9 +183,7 @@ def encode_filo_text_bank(
     if n == 0:
         raise ValueError("no abnormal sentences: give phrases or generic states")
     flat = [s for g in groups for s in g]
-    parts = [
-        encode_text(tokenize(flat[i : i + chunk]).to(device)).float() for i in range(0, len(flat), chunk)
-    ]
+    parts = [encode_text(tokenize(flat[i : i + chunk]).to(device)).float() for i in range(0, len(flat), chunk)]
     emb = F.normalize(torch.cat(parts), dim=-1).view(len(POSITIONS), n, -1)  # (9 * n, E) -> (9, n, E)
     per_pos = emb.mean(dim=1)  # (9, E) un-normalised means
     bank: dict[str | None, Tensor] = {}
@@ -220,8 +217,15 @@ def encode_filo_text(
     _check_position(position)
     if position is None:
         bank = encode_filo_text_bank(
-            encode_text, tokenize, class_name, phrases, templates, device,
-            generic_abnormal=generic_abnormal, normal_states=normal_states, chunk=chunk,
+            encode_text,
+            tokenize,
+            class_name,
+            phrases,
+            templates,
+            device,
+            generic_abnormal=generic_abnormal,
+            normal_states=normal_states,
+            chunk=chunk,
         )
         return bank[None]
     if not templates:
@@ -586,4 +590,3 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, T
     if not out:
         raise ValueError("no FiLo decoder or adapter weights in this state dict")
     return out
-
