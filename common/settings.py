@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     llm_retries: int = 2
     llm_local_path: str | None = None
 
+    # MES intake (``inspect ingest``): queue, inline image limit, redelivery bound, registration policy.
+    mes_intake_queue: str = "frames.intake"
+    mes_max_inline_bytes: int = 8 * 1024 * 1024
+    mes_delivery_limit: int = 5
+    mes_register_lines: bool = False
+    mes_strict_categories: bool = True
+
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     overlay_max_side: int = 1024
