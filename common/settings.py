@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # "segment=gpu.segment,logical=gpu.logical": stages not named stay on the default queue.
     queue_routes: str = ""
     default_queue: str = "gpu"
+    # Deliveries of one task message before its queue dead-letters it (a frame that crashes workers).
+    task_delivery_limit: int = 5
     control_queue: str = "control"
 
     # Grounding DINO for the localize stage: hub id, local save_pretrained folder, or imported name.
@@ -70,6 +72,17 @@ class Settings(BaseSettings):
     mes_delivery_limit: int = 5
     mes_register_lines: bool = False
     mes_strict_categories: bool = True
+
+    # MES intake (orchestrator/mes.py): topology names, so a test or a second plant can use its own.
+    mes_exchange: str = "frames"
+    mes_dead_letter_exchange: str = "frames.dlx"
+    mes_dead_queue: str = "frames.dead"
+    mes_intake_queue: str = "frames.intake"
+    mes_delivery_limit: int = 5  # quorum x-delivery-limit: redeliveries before RabbitMQ dead-letters
+    mes_max_inline_bytes: int = 4 * 1024 * 1024  # larger images go through the object store
+    mes_register_lines: bool = False  # False: frames for lines not in the lines table are refused
+    mes_strict_categories: bool = True  # True: frames for unregistered categories are refused
+    mes_retry_backoff: float = 1.0  # seconds before requeueing after a transient error (doubles, max 30)
 
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 50_000_000

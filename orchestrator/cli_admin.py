@@ -202,3 +202,25 @@ def models_import_dir(folder: Path, name: str, kind: str, tag: str | None) -> No
     with orch.sessions.begin() as s:
         repo.register_weights(s, name=name, arch=kind, tag=tag, sha256=sha, object_key=prefix, size_bytes=size)
     click.echo(f"imported {name}: {kind}, {len(files)} files, {size} B, manifest sha256={sha}")
+
+
+@cli.command("deadletters")
+@click.option("--follow", is_flag=True, help="Keep draining every few seconds.")
+def deadletters(follow: bool) -> None:
+    """Turn task messages the queues gave up on into failed inspections, banks or jobs."""
+    import time
+
+    from kombu import Connection
+
+    from orchestrator.deadletters import drain
+
+    orch = open_orchestrator()
+    if orch.settings.embedded:
+        raise click.ClickException("no broker configured (INSPECT_BROKER_URL): nothing is dead-lettered")
+    with Connection(orch.settings.broker_url) as conn:
+        while True:
+            for line in drain(orch, conn):
+                click.echo(line)
+            if not follow:
+                break
+            time.sleep(5)

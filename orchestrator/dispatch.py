@@ -31,6 +31,7 @@ class QueueDispatcher:
 
         self.settings = settings
         self.app = make_app(settings)
+        self._declared = False
         self.names = TASK_NAMES
         self.on_error = on_error
 
@@ -42,6 +43,7 @@ class QueueDispatcher:
         ]
         sigs[0] = sigs[0].clone(args=(inspection_id,))
         try:
+            self._declare()
             chain(*sigs).apply_async()
         except Exception as exc:
             # The row is committed: record why it will never run instead of leaving it queued.
@@ -50,10 +52,20 @@ class QueueDispatcher:
             raise
 
 
+    def _declare(self) -> None:
+        if not self._declared:  # once per process: the dead-letter queue must exist before any message
+            from workers.app import declare_dead_letters
+
+            with self.app.connection_for_write() as conn:
+                declare_dead_letters(conn)
+            self._declared = True
+
     def send_bank(self, bank_id: int) -> None:
+        self._declare()
         self.app.send_task(self.names["bank"], args=(bank_id,), queue=self.settings.queue_for("bank"))
 
     def send_job(self, job_id: str, kind: str) -> None:
+        self._declare()
         self.app.send_task(self.names[kind], args=(job_id,), queue=self.settings.queue_for(kind))
 
 

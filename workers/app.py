@@ -8,11 +8,16 @@ routing key on one direct exchange, so a message lands in exactly one queue.
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_ready
 from kombu import Exchange, Queue
 
 from common.settings import Settings, get_settings
 
 EXCHANGE = Exchange("inspect", type="direct", durable=True)
+# Messages a queue gives up on (delivery limit reached: e.g. a frame that kills its worker every time)
+# go here, routed by their queue name; `inspect ingest` turns them into failed inspections.
+DEAD_EXCHANGE = Exchange("inspect.dlx", type="topic", durable=True)
+DEAD_QUEUE = "inspect.dead"
 TASK_NAMES = {
     "segment": "inspect.segment",
     "logical": "inspect.logical",
@@ -24,8 +29,18 @@ TASK_NAMES = {
 
 
 def queues_for(settings: Settings) -> list[Queue]:
-    names = {settings.default_queue, *settings.stage_queues().values()}
-    return [Queue(n, EXCHANGE, routing_key=n, durable=True) for n in sorted(names)]
+    """Durable quorum queues with an explicit dead-letter exchange and delivery limit (RabbitMQ 3.10
+    does not default these), one binding each."""
+    names = {settings.default_queue, *settings.stage_queues().values(), settings.queue_for("bank"),
+             settings.queue_for("describe")}
+    args = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_EXCHANGE.name,
+            "x-delivery-limit": settings.task_delivery_limit}
+    return [Queue(n, EXCHANGE, routing_key=n, durable=True, queue_arguments=args) for n in sorted(names)]
+
+
+def dead_letter_queue() -> Queue:
+    return Queue(DEAD_QUEUE, DEAD_EXCHANGE, routing_key="#", durable=True,
+                 queue_arguments={"x-queue-type": "quorum"})
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -49,8 +64,20 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"confirm_publish": True},
         worker_hijack_root_logger=False,
+        worker_detect_quorum_queues=True,  # quorum queues have no global QoS: Celery uses per-consumer prefetch
     )
     return app
 
 
+def declare_dead_letters(connection) -> None:
+    """Bind the dead-letter queue so nothing a task queue gives up on is dropped."""
+    dead_letter_queue()(connection.default_channel).declare()
+
+
 app = make_app()
+
+
+@worker_ready.connect
+def _declare_on_start(sender=None, **_: object) -> None:
+    with app.connection_for_write() as conn:
+        declare_dead_letters(conn)

@@ -68,6 +68,20 @@ def build_event(s, insp: Inspection, store) -> dict[str, Any]:
     }
 
 
+_apps: dict[str, Any] = {}
+
+
+def _app_for(settings):
+    """The Celery app (producer pool, confirm_publish) of this settings' broker; one per broker URL."""
+    from workers.app import app, make_app
+
+    if settings.broker_url == app.conf.broker_url:
+        return app
+    if settings.broker_url not in _apps:
+        _apps[settings.broker_url] = make_app(settings)
+    return _apps[settings.broker_url]
+
+
 def publish_event(ctx: StageContext, inspection_id: str) -> bool:
     """Publish the inspection's event once it is terminal; False when there is nothing to send."""
     if ctx.settings.embedded:
@@ -80,9 +94,7 @@ def publish_event(ctx: StageContext, inspection_id: str) -> bool:
             return False
         event = build_event(s, insp, ctx.store)
         key = routing_key(insp.line.name, insp.station, event["data"]["verdict"])
-    from workers.app import app
-
-    with app.producer_or_acquire() as producer:  # the app's confirm_publish transport option applies
+    with _app_for(ctx.settings).producer_or_acquire() as producer:  # the app's confirm_publish transport option applies
         producer.publish(event, exchange=RESULTS, routing_key=key, serializer="json", declare=[RESULTS],
                          delivery_mode=2, message_id=inspection_id, headers={"type": event["type"]}, retry=True,
                          retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})

@@ -174,6 +174,8 @@ def encode_filo_text_bank(
     if not templates:
         raise ValueError("at least one template is needed")
     normal, _ = filo_sentences(class_name, phrases, generic_abnormal, normal_states, None)
+    if not normal:
+        raise ValueError("no normal sentences: give normal states")
     normal_vec = F.normalize(_encode_mean(encode_text, tokenize, _templated(normal, templates), device, chunk), dim=0)
     groups = [
         _templated(filo_sentences(class_name, phrases, generic_abnormal, normal_states, p)[1], templates)
@@ -231,8 +233,8 @@ def encode_filo_text(
     if not templates:
         raise ValueError("at least one template is needed")
     normal, abnormal = filo_sentences(class_name, phrases, generic_abnormal, normal_states, position)
-    if not abnormal:
-        raise ValueError("no abnormal sentences: give phrases or generic states")
+    if not normal or not abnormal:
+        raise ValueError("every group needs a sentence: give normal states and phrases or generic states")
     cols = [_encode_mean(encode_text, tokenize, _templated(g, templates), device, chunk) for g in (normal, abnormal)]
     return F.normalize(torch.stack(cols, dim=1), dim=0).cpu()  # (E, 2) per-column unit norm
 
