@@ -68,20 +68,14 @@ class Settings(BaseSettings):
 
     # MES intake (``inspect ingest``): queue, inline image limit, redelivery bound, registration policy.
     mes_intake_queue: str = "frames.intake"
-    mes_max_inline_bytes: int = 8 * 1024 * 1024
-    mes_delivery_limit: int = 5
-    mes_register_lines: bool = False
-    mes_strict_categories: bool = True
-
-    # MES intake (orchestrator/mes.py): topology names, so a test or a second plant can use its own.
+    mes_max_inline_bytes: int = 8 * 1024 * 1024  # larger images go through the object store
+    mes_delivery_limit: int = 5  # quorum x-delivery-limit: redeliveries before RabbitMQ dead-letters
+    mes_register_lines: bool = False  # False: frames for lines not in the lines table are refused
+    mes_strict_categories: bool = True  # True: frames for unregistered categories are refused
+    # Topology names (orchestrator/mes.py), so a test or a second plant can use its own.
     mes_exchange: str = "frames"
     mes_dead_letter_exchange: str = "frames.dlx"
     mes_dead_queue: str = "frames.dead"
-    mes_intake_queue: str = "frames.intake"
-    mes_delivery_limit: int = 5  # quorum x-delivery-limit: redeliveries before RabbitMQ dead-letters
-    mes_max_inline_bytes: int = 4 * 1024 * 1024  # larger images go through the object store
-    mes_register_lines: bool = False  # False: frames for lines not in the lines table are refused
-    mes_strict_categories: bool = True  # True: frames for unregistered categories are refused
     mes_retry_backoff: float = 1.0  # seconds before requeueing after a transient error (doubles, max 30)
 
     max_image_bytes: int = 64 * 1024 * 1024

@@ -208,4 +208,4 @@ def main() -> None:
 
 
 # Command groups register themselves on ``cli``; imported last because they import ``cli``.
-from orchestrator import cli_admin, cli_bank, cli_data, cli_eval, cli_prompts  # noqa: E402, F401
+from orchestrator import cli_admin, cli_bank, cli_data, cli_eval, cli_mes, cli_prompts  # noqa: E402, F401

@@ -98,6 +98,7 @@ def mes_add_line(name: str, description: str | None) -> None:
 
 @mes.command("lines")
 def mes_lines() -> None:
+    """Registered production lines."""
     orch = open_orchestrator()
     with orch.sessions() as s:
         for line in mes_repo.list_lines(s):
@@ -160,9 +161,13 @@ def mes_simulate(line, station, category, rate, duration, count, inline, serial_
             env = build_envelope(frame_id=frame_id, source=f"inspect-simulate/line/{line}/station/{station}",
                                  line=line, station=station, category=category, serial=f"{serial_prefix}-{i:06d}",
                                  image=images[i % len(images)], time=datetime.now(UTC).isoformat())
-            producer.publish(json.dumps(env).encode(), exchange=topo.exchange, routing_key=rk,
-                             content_type="application/json", content_encoding="utf-8", delivery_mode=2,
-                             mandatory=True, message_id=frame_id, timeout=30)
+            try:
+                producer.publish(json.dumps(env).encode(), exchange=topo.exchange, routing_key=rk,
+                                 content_type="application/json", content_encoding="utf-8", delivery_mode=2,
+                                 mandatory=True, message_id=frame_id, timeout=30)
+            except Exception as exc:  # nacked, unroutable, timed out or disconnected: say how far we got
+                raise click.ClickException(f"publishing frame {frame_id} failed after {sent} confirmed frames: "
+                                           f"{type(exc).__name__}: {exc}") from None
             sent += 1
     click.echo(f"published {sent} frames to {topo.exchange.name} ({rk}); frame ids sim-{run}-000000.."
                f"sim-{run}-{sent - 1:06d}")

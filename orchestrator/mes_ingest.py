@@ -107,9 +107,12 @@ class IngestConsumer:
     def _serve(self, conn) -> None:
         conn.ensure_connection(max_retries=1)
         self._topo = declare_topology(conn, self.settings, intake_queue=self.queue_name)
+        self._failures = 0
         self._conn = conn
         self._producer = Producer(conn.channel())  # confirm mode comes from the connection
-        consumer = Consumer(conn.channel(), queues=[self._topo.intake_queue], on_message=self._on_message,
+        channel = conn.channel()
+        channel.auto_decode = False  # py-amqp would turn bodies with a content_encoding into str: keep bytes
+        consumer = Consumer(channel, queues=[self._topo.intake_queue], on_message=self._on_message,
                             prefetch_count=self.prefetch, no_ack=False, auto_declare=False)
         log.info("consuming %s (quorum=%s)", self.queue_name, self._topo.quorum)
         with consumer:
@@ -125,7 +128,13 @@ class IngestConsumer:
         self._stop.wait(delay)
 
     def _on_message(self, message) -> None:
-        outcome = self.handle(message)
+        try:
+            outcome = self.handle(message)
+        except (BrokerError, *self._conn.connection_errors):
+            raise  # the connection is gone: run() reconnects and the broker redelivers
+        except Exception as exc:  # a bug here must not stop the consumer: retry, bounded by the delivery limit
+            log.exception("unexpected error handling a message")
+            outcome = self._requeue(message, None, None, exc)
         self.counts[outcome.kind] += 1
         self.report(outcome)
 
@@ -134,10 +143,11 @@ class IngestConsumer:
     def handle(self, message) -> Outcome:
         rk = message.delivery_info.get("routing_key")
         headers = dict(message.headers or {})
+        body = _body(message)
         req: FrameRequest | None = None
         try:
             try:
-                req = parse_envelope(message.body, message.content_type, headers,
+                req = parse_envelope(body, message.content_type, headers,
                                      max_inline_bytes=self.settings.mes_max_inline_bytes)
                 kind, detail = self._process(req)
             except (InvalidMessage, ImageError, UnknownCategory) as exc:
@@ -148,12 +158,12 @@ class IngestConsumer:
                 count = int(headers.get("x-delivery-count") or 0)
                 if count < self.settings.mes_delivery_limit:
                     raise
-                log.exception("message %s failed on its last delivery", _frame_id(req, message, headers))
+                log.exception("message %s failed on its last delivery", _frame_id(req, message, body, headers))
                 raise Refused(f"internal error on delivery {count + 1}: {type(exc).__name__}: {exc}") from exc
         except Refused as exc:
-            return self._refuse(message, rk, _frame_id(req, message, headers), exc.reason)
+            return self._refuse(message, body, rk, _frame_id(req, message, body, headers), exc.reason)
         except Exception as exc:
-            return self._requeue(message, rk, _frame_id(req, message, headers), exc)
+            return self._requeue(message, rk, _frame_id(req, message, body, headers), exc)
         self._failures = 0
         message.ack()
         return Outcome(kind, req.frame_id, rk, detail)
@@ -212,13 +222,13 @@ class IngestConsumer:
 
     # --- endings --------------------------------------------------------------------------
 
-    def _refuse(self, message, rk: str | None, frame_id: str | None, reason: str) -> Outcome:
+    def _refuse(self, message, body: bytes, rk: str | None, frame_id: str | None, reason: str) -> Outcome:
         """Record, dead-letter under confirms, then ack; if any step fails the message stays queued."""
         try:
             with self.orch.sessions.begin() as ses:
                 mes_repo.record_rejection(ses, queue=self.queue_name, routing_key=rk, message_id=frame_id,
-                                          reason=reason, headers=json_safe(message.headers or {}), body=message.body)
-            self._dead_letter(message, rk, reason)
+                                          reason=reason, headers=json_safe(message.headers or {}), body=body)
+            self._dead_letter(message, body, rk, reason)
         except Exception as exc:
             return self._requeue(message, rk, frame_id, exc)
         log.info("refused %s: %s", frame_id, reason)
@@ -226,7 +236,7 @@ class IngestConsumer:
         message.ack()
         return Outcome("rejected", frame_id, rk, reason)
 
-    def _dead_letter(self, message, rk: str | None, reason: str) -> None:
+    def _dead_letter(self, message, body: bytes, rk: str | None, reason: str) -> None:
         assert self._producer is not None and self._topo is not None
         if self._producer.channel is None or not self._producer.channel.is_open:
             self._producer = Producer(self._conn.channel())
@@ -234,7 +244,7 @@ class IngestConsumer:
         props = message.properties or {}
         try:
             self._producer.publish(
-                message.body, exchange=self._topo.dead_letter_exchange, routing_key=rk or "unrouted",
+                body, exchange=self._topo.dead_letter_exchange, routing_key=rk or "unrouted",
                 headers=headers, content_type=message.content_type or "application/octet-stream",
                 content_encoding=message.content_encoding or "binary", delivery_mode=2, mandatory=True,
                 message_id=props.get("message_id"), timeout=30,
@@ -253,14 +263,25 @@ class IngestConsumer:
         return Outcome("requeued", frame_id, rk, detail)
 
 
-def _frame_id(req: FrameRequest | None, message, headers: dict[str, Any]) -> str | None:
+def _body(message) -> bytes:
+    body = message.body
+    if isinstance(body, bytes):
+        return body
+    # py-amqp gives "" for an empty body, and str when a channel decodes by content_encoding.
+    try:
+        return str(body or "").encode(message.content_encoding or "utf-8")
+    except (LookupError, UnicodeError):
+        return str(body).encode("utf-8", "surrogateescape")
+
+
+def _frame_id(req: FrameRequest | None, message, body: bytes, headers: dict[str, Any]) -> str | None:
     """The frame id for logs and rejection rows, best effort when the envelope did not parse."""
     if req is not None:
         return req.frame_id
     candidate = headers.get("x-frame-id") or (message.properties or {}).get("message_id")
-    if candidate is None and len(message.body) <= 1 << 20:
+    if candidate is None and len(body) <= 1 << 20:
         try:
-            doc = json.loads(message.body)
+            doc = json.loads(body)
             candidate = doc.get("id") if isinstance(doc, dict) else None
         except (ValueError, RecursionError):
             candidate = None

@@ -8,19 +8,25 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from storage.db import utcnow
-from storage.orm import Inspection, RejectedMessage
+from storage.orm import Inspection, Line, RejectedMessage
 
 
 def record_rejection(
     s: Session, *, queue: str, routing_key: str | None, message_id: str | None, reason: str,
     headers: dict[str, Any] | None, body: bytes,
 ) -> RejectedMessage:
-    row = RejectedMessage(queue=queue, routing_key=routing_key, message_id=(message_id or None) and message_id[:256],
-                          reason=reason[:4000], headers=headers, body_size=len(body),
-                          body_excerpt=body[:512].decode("utf-8", "backslashreplace"))
+    row = RejectedMessage(queue=_nul(queue)[:256], routing_key=routing_key and _nul(routing_key)[:256],
+                          message_id=(message_id or None) and _nul(message_id)[:256],
+                          reason=_nul(reason)[:4000], headers=headers, body_size=len(body),
+                          body_excerpt=_nul(body[:512].decode("utf-8", "backslashreplace")))
     s.add(row)
     s.flush()
     return row
+
+
+def _nul(text: str) -> str:
+    # PostgreSQL text cannot hold NUL, and image bodies (and hostile ids) carry them: escape it.
+    return text.replace("\x00", "\\x00")
 
 
 def list_rejections(s: Session, limit: int = 100) -> list[RejectedMessage]:
@@ -32,3 +38,22 @@ def mark_event_sent(s: Session, inspection_id: str) -> bool:
     res = s.execute(update(Inspection).where(Inspection.id == inspection_id, Inspection.event_sent_at.is_(None))
                     .values(event_sent_at=utcnow()))
     return res.rowcount == 1
+
+
+def get_line(s: Session, name: str) -> Line | None:
+    return s.scalars(select(Line).where(Line.name == name)).one_or_none()
+
+
+def list_lines(s: Session) -> list[Line]:
+    return list(s.scalars(select(Line).order_by(Line.name)))
+
+
+def add_line(s: Session, name: str, description: str | None = None) -> tuple[Line, bool]:
+    """Register a line for the MES intake: ``(line, created)``; an existing name is kept as is."""
+    line = get_line(s, name)
+    if line is not None:
+        return line, False
+    line = Line(name=name, description=description)
+    s.add(line)
+    s.flush()
+    return line, True

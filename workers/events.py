@@ -15,7 +15,8 @@ from typing import Any
 
 from kombu import Exchange
 
-from storage import job_repo, mes_repo, repo
+from storage import job_repo, repo
+from storage.db import utcnow
 from storage.orm import Inspection, InspectionStatus
 from workers.runtime import StageContext
 
@@ -82,25 +83,38 @@ def _app_for(settings):
     return _apps[settings.broker_url]
 
 
+def publish_in(ctx: StageContext, s, insp: Inspection) -> bool:
+    """Publish the terminal inspection's event inside the transaction that marks it sent.
+
+    Called in the verdict's (or failure's) own transaction: the broker confirms the event before
+    the commit, so once the verdict is visible its event is out. A worker killed between the
+    confirm and the commit leaves neither verdict nor marker, and its redelivery publishes again:
+    the one window for a repeated event (consumers drop repeats by ``id``).
+    """
+    if ctx.settings.embedded or insp.event_sent_at is not None:
+        return False
+    if insp.status not in (InspectionStatus.done, InspectionStatus.failed):
+        return False
+    s.flush()
+    s.expire(insp, ["result", "stage_runs"])  # read what this transaction just wrote
+    event = build_event(s, insp, ctx.store)
+    key = routing_key(insp.line.name, insp.station, event["data"]["verdict"])
+    with _app_for(ctx.settings).producer_or_acquire() as producer:  # confirm_publish applies
+        producer.publish(event, exchange=RESULTS, routing_key=key, serializer="json", declare=[RESULTS],
+                         delivery_mode=2, message_id=insp.id, headers={"type": event["type"]}, retry=True,
+                         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+    insp.event_sent_at = utcnow()
+    s.flush()
+    return True
+
+
 def publish_event(ctx: StageContext, inspection_id: str) -> bool:
-    """Publish the inspection's event once it is terminal; False when there is nothing to send."""
+    """The event of an inspection that is terminal but unsent (a redelivery, a broker outage earlier)."""
     if ctx.settings.embedded:
         return False
-    with ctx.sessions() as s:
-        insp = repo.get_inspection(s, inspection_id)
-        if insp is None or insp.event_sent_at is not None:
-            return False
-        if insp.status not in (InspectionStatus.done, InspectionStatus.failed):
-            return False
-        event = build_event(s, insp, ctx.store)
-        key = routing_key(insp.line.name, insp.station, event["data"]["verdict"])
-    with _app_for(ctx.settings).producer_or_acquire() as producer:  # the app's confirm_publish transport option applies
-        producer.publish(event, exchange=RESULTS, routing_key=key, serializer="json", declare=[RESULTS],
-                         delivery_mode=2, message_id=inspection_id, headers={"type": event["type"]}, retry=True,
-                         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
     with ctx.sessions.begin() as s:
-        mes_repo.mark_event_sent(s, inspection_id)
-    return True
+        insp = repo.get_inspection_for_stage(s, inspection_id)  # row lock: one publisher at a time
+        return insp is not None and publish_in(ctx, s, insp)
 
 
 def publish_after_commit(ctx: StageContext, inspection_id: str) -> None:

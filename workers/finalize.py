@@ -51,9 +51,9 @@ def run_finalize(inspection_id: str, ctx: StageContext) -> str:
         if insp is None:
             raise StageFailed(f"no inspection {inspection_id}")
         finalize_in(s, insp, t0)
-    from workers.events import publish_after_commit
+        from workers.events import publish_in
 
-    publish_after_commit(ctx, inspection_id)
+        publish_in(ctx, s, insp)
     return inspection_id
 
 

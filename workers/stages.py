@@ -23,7 +23,7 @@ from common.images import ImageError, decode_image
 from storage import bank_repo, job_repo, keys, repo
 from storage.objects import ObjectNotFound, ObjectStoreUnavailable
 from storage.orm import InspectionStatus, StageStatus
-from workers.events import publish_after_commit
+from workers.events import publish_after_commit, publish_in
 from workers.finalize import StageFailed, finalize_in, record_failure, run_finalize
 from workers.runtime import WORKER, StageContext, filo_head, grounding_model, lad_engine, segment_engine
 
@@ -136,9 +136,9 @@ def run_stages(inspection_id: str, ctx: StageContext, stages: list[str], finaliz
             repo.upsert_stage_run(s, inspection_id, st, status=StageStatus.done,
                                   duration_ms=out.pop("_ms", ms), output=out, worker=WORKER)
         if finalize:
-            finalize_in(s, repo.get_inspection_for_stage(s, inspection_id), time.perf_counter())
-    if finalize:
-        publish_after_commit(ctx, inspection_id)  # after the commit: consumers never see an unrecorded verdict
+            insp = repo.get_inspection_for_stage(s, inspection_id)
+            finalize_in(s, insp, time.perf_counter())
+            publish_in(ctx, s, insp)  # confirmed before the commit: a visible verdict has its event out
     return inspection_id
 
 

@@ -29,6 +29,7 @@ def test_bench_filo_tiny_smoke(tmp_path: Path) -> None:
         assert filo["results"][name]["images_per_s"] > 0
     for name in ("filo_over_sdp", "filo_head_over_sdp", "sdp_plus_filo_over_sdp", "filo_head_unfused_over_fused"):
         assert report["ratios"][name] > 0
+        assert filo["ratios_min"][name] > 0
     localize = filo["localize"]
     if importlib.util.find_spec("workers.grounding") is None:
         assert "skipped" in localize and "localize_tiny" not in filo["results"]

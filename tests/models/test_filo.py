@@ -193,7 +193,7 @@ def _vv_residual(block, x):
     b, n, w = x.shape
     heads = attn.num_heads
     d = w // heads
-    v = (block.ln_1(x) @ attn.in_proj_weight[2 * w :].T + attn.in_proj_bias[2 * w :])
+    v = block.ln_1(x) @ attn.in_proj_weight[2 * w :].T + attn.in_proj_bias[2 * w :]
     v = v.view(b, n, heads, d).transpose(1, 2)  # (B, heads, N, d)
     out = ((v @ v.transpose(-1, -2)) * d**-0.5).softmax(-1) @ v
     return block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(b, n, w)))
