@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     default_queue: str = "gpu"
     # Deliveries of one task message before its queue dead-letters it (a frame that crashes workers).
     task_delivery_limit: int = 5
+    # Consumer timeout for queues that run long stages (bank builds, LLM descriptions), in ms.
+    long_stage_consumer_timeout_ms: int = 4 * 3600 * 1000
     control_queue: str = "control"
 
     # Grounding DINO for the localize stage: hub id, local save_pretrained folder, or imported name.

@@ -35,7 +35,14 @@ def queues_for(settings: Settings) -> list[Queue]:
              settings.queue_for("describe")}
     args = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_EXCHANGE.name,
             "x-delivery-limit": settings.task_delivery_limit}
-    return [Queue(n, EXCHANGE, routing_key=n, durable=True, queue_arguments=args) for n in sorted(names)]
+    # Bank builds and LLM calls outlast RabbitMQ's 30 min default consumer timeout, which would cancel a
+    # late-acking consumer mid-task: queues hosting them get their own (honoured by RabbitMQ 3.12+;
+    # on 3.10 raise consumer_timeout in rabbitmq.conf instead).
+    long = {settings.queue_for("bank"), settings.queue_for("describe")}
+    return [Queue(n, EXCHANGE, routing_key=n, durable=True,
+                  queue_arguments=args | ({"x-consumer-timeout": settings.long_stage_consumer_timeout_ms}
+                                          if n in long else {}))
+            for n in sorted(names)]
 
 
 def dead_letter_queue() -> Queue:

@@ -96,9 +96,10 @@ def test_celery_app_is_json_only_late_ack_prefetch_one():
     assert c.task_routes["inspect.finalize"]["queue"] == "gpu"
     keys = [(q.name, q.routing_key) for q in c.task_queues]
     assert keys == [("gpu", "gpu"), ("gpu.segment", "gpu.segment")]  # one binding per queue
-    for q in c.task_queues:  # quorum, explicit dead-letter exchange and delivery limit (RabbitMQ 3.10)
-        assert q.durable and q.queue_arguments == {
-            "x-queue-type": "quorum", "x-dead-letter-exchange": "inspect.dlx", "x-delivery-limit": 5}
+    base = {"x-queue-type": "quorum", "x-dead-letter-exchange": "inspect.dlx", "x-delivery-limit": 5}
+    gpu, segment = c.task_queues  # quorum, explicit dead-letter exchange and delivery limit (RabbitMQ 3.10)
+    assert gpu.durable and gpu.queue_arguments == base | {"x-consumer-timeout": 4 * 3600 * 1000}  # hosts banks
+    assert segment.durable and segment.queue_arguments == base  # frames only: the broker default applies
 
 
 def test_bad_route_setting_is_refused():
