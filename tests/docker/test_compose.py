@@ -321,3 +321,27 @@ def test_docker_readme_commands_match_compose() -> None:
     assert "inspect models import FILE --name NAME" in text
     for service in re.findall(rf"{re.escape(compose)} run --rm (?:-v \S+ \\\s+)?(\S+)", text):
         assert service in services(), f"docker/README.md runs unknown service {service!r}"
+
+
+def test_stage_override_runs_one_worker_per_stage_queue() -> None:
+    """compose.stages.yaml: every stage queue has a worker, every process routes alike."""
+    import yaml
+
+    from common.settings import Settings
+
+    base = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    over = yaml.safe_load((ROOT / "docker" / "compose.stages.yaml").read_text())
+    routes = over["x-routes"]["INSPECT_QUEUE_ROUTES"]
+    queues = set(Settings(queue_routes=routes).stage_queues().values())
+    consumed = set()
+    for name, svc in over["services"].items():
+        if "extends" in svc:
+            assert svc["extends"]["service"] in base["services"]
+            cmd = svc["command"]
+            assert cmd[:5] == ["celery", "-A", "workers", "worker", "-Q"]
+            consumed.add(cmd[5])
+            assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        else:
+            assert name in base["services"]
+        assert svc["environment"]["INSPECT_QUEUE_ROUTES"] == routes
+    assert consumed == queues
