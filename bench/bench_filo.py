@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.common import finish_report, report_header
 from bench.winclip_probe import summarize, time_interleaved
 from workers.models.clip_surgery import SDP
 from workers.models.filo import FiLoHead, encode_filo_text
@@ -265,28 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    report: dict[str, Any] = {
-        "arch": args.arch,
-        "batch": args.batch,
-        "threads": torch.get_num_threads(),
-        "iters": args.iters,
-        "warmup": args.warmup,
-        "weights": "random",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-    }
+    report = report_header(args, batch=args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         report["filo"] = bench(args, Path(tmp))
     report["ratios"] = report["filo"]["ratios"]
-    report["total_s"] = time.perf_counter() - t0
-    report["loadavg_end"] = os.getloadavg()
+    finish_report(report, t0, args.json)
     print_report(report)
     print(f"done in {report['total_s']:.0f} s", file=sys.stderr)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -24,9 +24,6 @@ One process, one random-weights model (``load_clip(arch, "random")``), fp32 on C
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.common import finish_report, report_header
 from bench.winclip_probe import summarize, time_interleaved
 from prompts import load_lad_vocabulary
 from workers.lad_engine import lad_config
@@ -364,20 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    report: dict[str, Any] = {
-        "arch": args.arch,
-        "threads": torch.get_num_threads(),
-        "iters": args.iters,
-        "warmup": args.warmup,
-        "shots": args.shots,
-        "category": args.category,
-        "chunk": args.chunk,
-        "weights": "random",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),  # other work on the cores skews every number
-    }
+    report = report_header(args, shots=args.shots, category=args.category, chunk=args.chunk)
     content = load_lad_vocabulary(args.category)["content"]
     cfg = lad_config(content, {"nn_chunk": args.chunk})
     report["frame"] = bench_frame(args.arch, content, cfg, args.warmup, args.iters)
@@ -385,12 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     n_fine = report["frame"]["vocabulary"]["fine"]
     report["banks"] = [bench_bank(backbone(name, size), cfg, n_fine, args.shots, args.chunk,
                                   args.warmup, args.iters) for name, size in BANK_BACKBONES]
-    report["total_s"] = time.perf_counter() - t0
-    report["loadavg_end"] = os.getloadavg()
+    finish_report(report, t0, args.json)
     print_report(report)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.common import finish_report, report_header
 from bench.winclip_probe import summarize, time_interleaved
 from workers.models.clip_surgery import SDP
 from workers.weights import load_clip
@@ -183,18 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    report: dict[str, Any] = {
-        "arch": args.arch,
-        "batch": args.batch,
-        "threads": torch.get_num_threads(),
-        "iters": args.iters,
-        "warmup": args.warmup,
-        "weights": "random",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),  # other work on the cores skews every number
-    }
+    report = report_header(args, batch=args.batch)
     report["sdp"] = bench_sdp(args.arch, args.batch, args.warmup, args.iters)
     report["ratios"] = report["sdp"]["ratios"]  # top-level copy for quick lookups
     print(f"SDP part done in {time.perf_counter() - t0:.0f} s; WinCLIP probe next", file=sys.stderr)
@@ -203,12 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         report["winclip_over_this_bare"] = (
             report["winclip"]["winclip"]["median_s"] / report["sdp"]["results"]["bare"]["median_s"]
         )
-    report["total_s"] = time.perf_counter() - t0
-    report["loadavg_end"] = os.getloadavg()
+    finish_report(report, t0, args.json)
     print_report(report)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 
