@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from storage.db import utcnow
-from storage.orm import Inspection, Line, RejectedMessage
+from storage.orm import Line, RejectedMessage
 
 
 def record_rejection(
@@ -31,13 +30,6 @@ def _nul(text: str) -> str:
 
 def list_rejections(s: Session, limit: int = 100) -> list[RejectedMessage]:
     return list(s.scalars(select(RejectedMessage).order_by(RejectedMessage.id.desc()).limit(limit)))
-
-
-def mark_event_sent(s: Session, inspection_id: str) -> bool:
-    """True for the one caller that flips the marker (others see it already set)."""
-    res = s.execute(update(Inspection).where(Inspection.id == inspection_id, Inspection.event_sent_at.is_(None))
-                    .values(event_sent_at=utcnow()))
-    return res.rowcount == 1
 
 
 def get_line(s: Session, name: str) -> Line | None:

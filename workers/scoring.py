@@ -27,9 +27,3 @@ def verdict(score: float, threshold: float) -> str:
     """NG at or above the threshold."""
     return "NG" if score >= threshold else "OK"
 
-
-def fit_norm(cls_probs: list[float], map_maxes: list[float]) -> dict[str, list[float]]:
-    """Per-term ranges on normal images (the calibration set)."""
-    if not cls_probs or len(cls_probs) != len(map_maxes):
-        raise ValueError("calibration needs at least one normal image")
-    return {"cls": [min(cls_probs), max(cls_probs)], "map": [min(map_maxes), max(map_maxes)]}
