@@ -64,9 +64,12 @@ def render_overlay(
     blended = cv2.addWeighted(cv2.cvtColor(base, cv2.COLOR_RGB2BGR), 1 - alpha, heat, alpha, 0)
     if decorate is not None:  # e.g. detection boxes, drawn on RGB
         blended = cv2.cvtColor(decorate(cv2.cvtColor(blended, cv2.COLOR_BGR2RGB)), cv2.COLOR_RGB2BGR)
-    if caption:
-        cv2.putText(blended, caption, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3)
-        cv2.putText(blended, caption, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
+    if caption:  # one line per "\n", scaled to the picture so it stays inside small frames
+        scale = min(0.5, max(0.3, out_w / 640))
+        for i, text in enumerate(caption.split("\n")):
+            y = int(18 + i * 40 * scale)
+            cv2.putText(blended, text, (6, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3)
+            cv2.putText(blended, text, (6, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
     ok, png = cv2.imencode(".png", blended)
     if not ok:
         raise RuntimeError("OpenCV could not encode the overlay PNG")

@@ -214,7 +214,7 @@ def _write_pictures(ctx, inspection_id, rgb, pred, inp: FrameInput, engine, boxe
     rng = tuple(inp.score_norm["map"]) if inp.score_norm else None
     caption = f"{inp.category} cls={pred.cls_prob:.3f} max={pred.map_max:.3f}"
     if engine.clip.random_weights:
-        caption += " RANDOM WEIGHTS"
+        caption += "\nRANDOM WEIGHTS"
     png = render_overlay(
         rgb, pred.anomaly_map, value_range=rng, max_side=ctx.settings.overlay_max_side, caption=caption,
         decorate=(lambda img: draw_boxes(img, boxes)) if boxes else None,
