@@ -74,24 +74,24 @@ def _start(ctx: StageContext, inspection_id: str, stages: list[str]) -> tuple[Fr
         if insp.status in (InspectionStatus.done, InspectionStatus.failed):
             return None  # a redelivered message after the terminal write
         done = {r.stage for r in insp.stage_runs if r.status == StageStatus.done}
-        todo = [st for st in stages if st not in done]
+        pending = [st for st in stages if st not in done]
         cat = insp.category
         ps = cat.active_prompt_set
         if ps is None:
             raise StageFailed(f"category {cat.name!r} has no active prompt set")
-        bank = _bank_input(s, insp) if "logical" in todo else None
+        bank = _bank_input(s, insp) if "logical" in pending else None
         pipeline = dict(cat.pipeline or {})
         phrases = _phrases(s, cat, pipeline)
         localize = next((r.output for r in insp.stage_runs if r.stage == "localize" and r.status == StageStatus.done),
                         None)
         repo.mark_inspection(s, inspection_id, InspectionStatus.running, locked=insp)
-        for st in todo:
+        for st in pending:
             repo.upsert_stage_run(s, inspection_id, st, status=StageStatus.running, worker=WORKER)
         prompt = {"sha256": ps.sha256, "content": ps.content, "rvs_method": ps.rvs_method,
                   "rvs_params": ps.rvs_params or {}}
         inp = FrameInput(insp.image_key, cat.name, ps.id, ps.version, prompt, cat.score_norm, bank, pipeline,
                          phrases, localize)
-        return inp, todo
+        return inp, pending
 
 
 def _phrases(s, cat, pipeline: dict[str, Any]) -> list[str]:
@@ -123,11 +123,11 @@ def run_stages(inspection_id: str, ctx: StageContext, stages: list[str], finaliz
     if started is None:
         publish_after_commit(ctx, inspection_id)  # a redelivery after the verdict: make sure its event went out
         return inspection_id
-    inp, todo = started
+    inp, pending = started
     outputs: dict[str, dict[str, Any]] = {}
-    if todo:
+    if pending:
         frame = _frame(ctx, inp)
-        outputs = _compute(ctx, inspection_id, inp, todo, frame.rgb)
+        outputs = _compute(ctx, inspection_id, inp, pending, frame.rgb)
     ms = (time.perf_counter() - t0) * 1000
     with ctx.sessions.begin() as s:
         for st, out in outputs.items():
@@ -142,7 +142,7 @@ def run_stages(inspection_id: str, ctx: StageContext, stages: list[str], finaliz
     return inspection_id
 
 
-def _compute(ctx, inspection_id: str, inp: FrameInput, todo: list[str], rgb) -> dict[str, dict[str, Any]]:
+def _compute(ctx, inspection_id: str, inp: FrameInput, pending: list[str], rgb) -> dict[str, dict[str, Any]]:
     from workers.engine import FramePrediction, PromptSpec  # torch stays out of processes that never compute
     from workers.stages_filo import filo_segment, kept_boxes, localize_frame
 
@@ -150,11 +150,11 @@ def _compute(ctx, inspection_id: str, inp: FrameInput, todo: list[str], rgb) -> 
     outputs: dict[str, dict[str, Any]] = {}
     features = None
     localize = inp.localize
-    if "localize" in todo:
+    if "localize" in pending:
         t = time.perf_counter()
         localize = localize_frame(grounding_model(ctx), rgb, inp.phrases)
         outputs["localize"] = localize | {"_ms": (time.perf_counter() - t) * 1000}
-    if "segment" in todo:
+    if "segment" in pending:
         t = time.perf_counter()
         method = inp.pipeline.get("segment_method", "sdp")
         t_model = time.perf_counter()
@@ -166,7 +166,7 @@ def _compute(ctx, inspection_id: str, inp: FrameInput, todo: list[str], rgb) -> 
             extra |= {"image_score": filo_score, "position": (localize or {}).get("position", "center")}
         elif method == "sdp":
             text_feats = engine.text_features(PromptSpec(class_name=inp.category, **inp.prompt), ctx.store)
-            pred, features = engine.predict_with_features(rgb, text_feats, keep=("logical" in todo))
+            pred, features = engine.predict_with_features(rgb, text_feats, keep=("logical" in pending))
         else:
             raise StageFailed(f"unknown segment_method {method!r} (sdp or filo)")
         model_ms = (time.perf_counter() - t_model) * 1000
@@ -179,7 +179,7 @@ def _compute(ctx, inspection_id: str, inp: FrameInput, todo: list[str], rgb) -> 
             "map_shape": list(pred.anomaly_map.shape), "model_ms": model_ms,
             "_ms": (time.perf_counter() - t) * 1000,
         }
-    if "logical" in todo:
+    if "logical" in pending:
         t = time.perf_counter()
         outputs["logical"] = _logical(ctx, inp, rgb, features) | {
             "shared_backbone": features is not None, "model_name": engine.clip.arch,

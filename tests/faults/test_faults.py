@@ -156,25 +156,16 @@ def test_worker_sigkilled_three_times_during_100_frames(stack):
     stack.check(ids)
 
 
-def test_postgres_refuses_connections_for_a_few_seconds(stack):
+@pytest.mark.parametrize("service", ["pg_proxy", "s3_proxy"], ids=["postgres-refuses", "s3-unavailable"])
+def test_dependency_outage_for_a_few_seconds(stack, service):
+    """PostgreSQL refusing connections, or S3 unreachable, for 4 s in the middle of a run."""
     ids = stack.submit(40)
     stack.start_worker()
     stack.wait_until(ids, 8, timeout=120)
-    stack.pg_proxy.cut()
+    proxy = getattr(stack, service)
+    proxy.cut()
     time.sleep(4)
-    stack.pg_proxy.restore()
-    stack.wait_until(ids, len(ids), timeout=240)
-    assert all(st == "done" for st, _ in stack.states(ids).values())
-    stack.check(ids)
-
-
-def test_s3_unavailable_for_a_few_seconds(stack):
-    ids = stack.submit(40)
-    stack.start_worker()
-    stack.wait_until(ids, 8, timeout=120)
-    stack.s3_proxy.cut()
-    time.sleep(4)
-    stack.s3_proxy.restore()
+    proxy.restore()
     stack.wait_until(ids, len(ids), timeout=240)
     assert all(st == "done" for st, _ in stack.states(ids).values())
     stack.check(ids)
