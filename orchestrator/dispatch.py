@@ -15,6 +15,7 @@ from common.settings import Settings
 from orchestrator.planner import plan_messages
 
 log = logging.getLogger(__name__)
+ENQUEUE_FAILED = "could not enqueue"  # reason prefix: such a frame is sent again when resubmitted
 
 
 class Dispatcher(Protocol):
@@ -48,7 +49,7 @@ class QueueDispatcher:
         except Exception as exc:
             # The row is committed: record why it will never run instead of leaving it queued.
             if self.on_error is not None:
-                self.on_error(inspection_id, f"could not enqueue: {type(exc).__name__}: {exc}")
+                self.on_error(inspection_id, f"{ENQUEUE_FAILED}: {type(exc).__name__}: {exc}")
             raise
 
 

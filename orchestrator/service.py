@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from common.images import decode_image
 from common.settings import Settings
-from orchestrator.dispatch import Dispatcher
+from orchestrator.dispatch import ENQUEUE_FAILED, Dispatcher
 from orchestrator.planner import plan_stages
 from prompts import load_prompt_file
 from storage import bank_repo, keys, repo
@@ -84,8 +84,9 @@ class Intake:
             )
             has_bank = bank_repo.active_bank(session, cat.id, insp.line_id) is not None
             stages = plan_stages(cat.pipeline, has_bank)
+            resend = not created and repo.reopen_unsent(session, insp.id, ENQUEUE_FAILED)
             result = Submitted(insp.id, insp.frame_id, created, registered)
-        if created:  # only after commit: a worker must find the row
+        if created or resend:  # only after commit: a worker must find the row
             self.dispatcher.send(result.inspection_id, stages)
         return result
 

@@ -470,3 +470,16 @@ def register_weights(
         setattr(weights, key, value)
     s.flush()
     return weights
+
+
+def reopen_unsent(s: Session, inspection_id: str, reason_prefix: str) -> bool:
+    """Back to queued an inspection that failed only because its stages were never enqueued (the broker
+    refused the send after the commit), so a resubmitted frame is sent again instead of staying failed."""
+    insp = _locked(s, Inspection, Inspection.id == inspection_id)
+    if insp is None or insp.status != InspectionStatus.failed or not (insp.reason or "").startswith(reason_prefix):
+        return False
+    if insp.stage_runs:  # a stage ran: this is a real failure, not a lost send
+        return False
+    insp.status, insp.reason, insp.finished_at = InspectionStatus.queued, None, None
+    s.flush()
+    return True

@@ -58,3 +58,34 @@ def test_poison_message_is_dead_lettered_and_recorded(tmp_path, pg_module_url, s
         insp = repo.get_inspection(s, iid)
         assert insp.status == InspectionStatus.failed and "delivery" in insp.reason and q in insp.reason
     assert event is not None and event.payload["type"] == "inspect.failure.v1" and event.payload["id"] == iid
+
+
+def test_frame_whose_send_failed_is_sent_again_when_resubmitted(tmp_path, pg_module_url, s3_server, s3_credentials):
+    common = dict(database_url=pg_module_url, s3_endpoint=s3_server, s3_access_key=s3_credentials["access_key"],
+                  s3_secret_key=s3_credentials["secret_key"], s3_bucket=f"r-{uuid.uuid4().hex[:8]}",
+                  s3_region="us-east-1", default_queue=f"resend-{uuid.uuid4().hex[:6]}", data_dir=tmp_path)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(buf, "PNG")
+    frame_id = f"resend-{uuid.uuid4().hex}"
+    down = open_orchestrator(Settings(broker_url="amqp://guest:guest@127.0.0.1:1//", **common))
+    down.intake.dispatcher.app.conf.broker_connection_max_retries = 1
+    down.intake.dispatcher.app.conf.broker_connection_timeout = 1
+    with pytest.raises(Exception):  # noqa: B017 - the broker refuses: whatever kombu raises
+        down.intake.submit(buf.getvalue(), line="R1", category="pcb1", frame_id=frame_id)
+    with down.sessions() as s:
+        insp = repo.get_inspection_by_frame(s, frame_id)
+        assert insp.status == InspectionStatus.failed and insp.reason.startswith("could not enqueue")
+    up = open_orchestrator(Settings(broker_url=BROKER, **common))
+    again = up.intake.submit(buf.getvalue(), line="R1", category="pcb1", frame_id=frame_id)
+    assert again.inspection_id == insp.id and not again.created
+    with up.sessions() as s:
+        assert repo.get_inspection(s, insp.id).status == InspectionStatus.queued
+    with Connection(BROKER) as conn:
+        name = common["default_queue"]
+        q = Queue(name, Exchange("inspect", "direct", durable=True), routing_key=name, durable=True,
+                  queue_arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": "inspect.dlx",
+                                   "x-delivery-limit": 5})(conn.default_channel)
+        msg = q.get(no_ack=True)
+        assert msg is not None and msg.headers["task"] == "inspect.segment"
+        assert insp.id in msg.headers["argsrepr"]  # the same inspection, sent again
+        q.delete()
