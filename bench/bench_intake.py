@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import io
 import json
 import logging
 import os
@@ -31,24 +30,14 @@ import numpy as np
 import psycopg
 from kombu import Connection, Exchange, Queue
 from moto.server import ThreadedMotoServer
-from PIL import Image
 
+from bench.common import ADMIN, BROKER, ROOT, random_pngs
 from orchestrator.mes_schema import build_envelope
 from storage.db import ensure_schema
 
-ROOT = Path(__file__).resolve().parents[1]
-ADMIN = os.environ.get("INSPECT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-BROKER = os.environ.get("INSPECT_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
 
 def frame_bytes(n: int, size: int = 96) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
+    return random_pngs(n, size)
 
 
 class Events(threading.Thread):

@@ -12,7 +12,6 @@ the figure is what the system adds around the model.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -27,27 +26,17 @@ from pathlib import Path
 import numpy as np
 import psycopg
 from moto.server import ThreadedMotoServer
-from PIL import Image
 from tqdm import tqdm
 
+from bench.common import ADMIN, BROKER, ROOT, random_pngs
 from common.settings import Settings
 from orchestrator.context import open_orchestrator
 from storage import repo
 from storage.db import ensure_schema
 
-ROOT = Path(__file__).resolve().parents[1]
-ADMIN = os.environ.get("INSPECT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-BROKER = os.environ.get("INSPECT_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
 
 def frames(n: int, size: int = 128) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
+    return random_pngs(n, size)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

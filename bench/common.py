@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -9,7 +10,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+# The machine's services for the queue-path benchmarks (loopback only).
+ADMIN = os.environ.get("INSPECT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+BROKER = os.environ.get("INSPECT_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def random_pngs(n: int, size: int) -> list[bytes]:
+    """n seeded random RGB frames as PNG bytes."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 def report_header(args: Any, **extra: Any) -> dict[str, Any]:
